@@ -1,0 +1,38 @@
+"""moekern: compress Mixture-of-Experts language models and run them fast on one GPU.
+
+    import moekern
+    moekern.patch(model)                          # moekern's experts path under transformers' MoE modules
+    moekern.drop_experts(model, {0: [0, 2, 5]})   # structural edits, recorded in model.config.moekern
+    moekern.save(model, "out/")                   # safetensors, written atomically
+    model, tokenizer = moekern.load("out/")
+
+Kernels live in `moekern.ops` (Triton, CUDA, and the PyTorch reference they are tested against), the drop-in HF
+modules in `moekern.modules`, one adapter per model family in `moekern.models`, and the command line in `moekern.cli`.
+"""
+
+from importlib import import_module
+
+from moekern.errors import MoekernError
+
+__version__ = "0.1.0"
+
+# Imported on first use, so that `moekern --help` does not pay for importing transformers.
+_LAZY = {
+    "patch": "moekern.patching",
+    "unpatch": "moekern.patching",
+    "save": "moekern.checkpoint",
+    "load": "moekern.checkpoint",
+    "drop_experts": "moekern.surgery",
+    "remove_moe_layers": "moekern.surgery",
+    "remove_blocks": "moekern.surgery",
+    "set_skip_beta": "moekern.surgery",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moekern' has no attribute {name!r}")
+
+
+__all__ = ["MoekernError", "__version__", *_LAZY]

@@ -1,0 +1,5 @@
+import sys
+
+from moekern.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""Reading models from disk: only local folders, only safetensors, no remote code unless the user asks.
+
+`load_pretrained` is the one door through which the CLI and the library open a Hugging Face checkpoint.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from moekern.errors import MoekernError
+
+SHIPPED = "shipped"  # the name that selects the small model inside the package
+
+
+def resolve_model_dir(source: str | Path) -> Path:
+    """The local folder of a model: `shipped` for the packaged model, else a folder holding config.json."""
+    if str(source) == SHIPPED:
+        from moekern.shipped import MODEL_DIR
+
+        source = MODEL_DIR
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise MoekernError(
+            f"model path {str(path)!r} does not exist. Give a local folder with config.json and *.safetensors "
+            f"(moekern downloads nothing), or '{SHIPPED}' for the small model that ships with moekern."
+        )
+    if not path.is_dir():
+        raise MoekernError(f"model path {str(path)!r} is a file; give the folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise MoekernError(f"{str(path)!r} has no config.json: it is not a Hugging Face model folder")
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise MoekernError(f"{str(path / 'config.json')!r} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = (
+            f" It has {', '.join(pickled)}: moekern never unpickles weights; convert them to safetensors first."
+            if pickled
+            else ""
+        )
+        raise MoekernError(f"{str(path)!r} holds no *.safetensors weights.{hint}")
+    return path
+
+
+def load_pretrained(
+    source: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer) of a plain Hugging Face folder with safetensors weights, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise MoekernError(
+                f"{str(path)!r} needs custom modeling code. moekern never runs remote code unless you pass "
+                f"--trust-remote-code (trust_remote_code=True) and have read that code."
+            ) from exc
+        raise MoekernError(f"could not load {str(path)!r}: {exc}") from exc
+    except (OSError, RuntimeError) as exc:  # safetensors raises these for truncated or corrupt shards
+        raise MoekernError(f"could not load {str(path)!r}: {exc}. Is a weight shard missing or corrupt?") from exc
+    return model.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving and loading compressed models
+# ----------------------------------------------------------------------------------------------------------------------
+WEIGHTS = "model.safetensors"
+
+
+def save(model, path: str | Path, tokenizer=None) -> Path:
+    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
+    safetensors with the in-memory names, and the tokenizer if given. Everything is written to a temporary folder
+    beside `path` and renamed at the end, so an interrupted save leaves nothing half-written. An existing `path` is
+    replaced only after the new one is complete."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    from moekern.surgery import decisions
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        config_for_disk(model).save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def config_for_disk(model):
+    """A copy of the config as it goes to disk. Where every MoE layer kept the same number of experts (stored, not
+    masked) and the router has no expert groups, the expert count becomes that number, so the checkpoint is a
+    standard architecture for transformers."""
+    import copy
+
+    from moekern.models import family_of
+    from moekern.surgery import decisions, decoder_layers, is_moe_block
+
+    config = copy.deepcopy(model.config)
+    family = family_of(model)
+    stored = {
+        layer.mlp.experts.gate_up_proj.shape[0] for layer in decoder_layers(model) if is_moe_block(layer.mlp)
+    }
+    masked = any(not bool(layer.mlp.alive.all()) for layer in decoder_layers(model)
+                 if hasattr(layer.mlp, "alive") and not layer.mlp.compact())
+    # Group-limited routing (DeepSeek) is defined over the original groups: fewer experts is not the same router.
+    grouped = family.router_spec(config).n_group > 1
+    count = stored.pop() if len(stored) == 1 and not masked and not grouped else decisions(model)["original_num_experts"]
+    setattr(config, family.expert_count_field, count)
+    return config
+
+
+def load(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load a local model folder, compressed by moekern or not: (model, tokenizer or None), in eval mode.
+
+    A folder without moekern decisions is loaded by transformers. Otherwise the architecture is built empty from
+    config.json, the recorded decisions are replayed on it (removed MoE layers, kept experts, skip thresholds), and
+    only then are the weights read (safetensors) into it. dtype None keeps the checkpoint's dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from moekern import surgery
+
+    path = resolve_model_dir(path)
+    if surgery.KEY not in json.loads((path / "config.json").read_text()):
+        return load_pretrained(path, dtype or "auto", device, trust_remote_code)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    state = read_weights(path)
+    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    d = getattr(config, surgery.KEY, None)
+    if d:
+        replay(model, d, state)
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        # safetensors stores a tied tensor once, under one of its names: give it to both before loading
+        for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+            if target in state or source in state:
+                state.setdefault(target, state.get(source))
+                state.setdefault(source, state[target])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise MoekernError(
+            f"{str(path)!r} does not match its config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}. The checkpoint is corrupt or from another model."
+        )
+    model.tie_weights()
+    _materialise_buffers(model, config)
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = None
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def replay(model, d: dict, state: dict) -> None:
+    """Apply recorded decisions to a freshly built (meta) model whose config already has the blocks removed."""
+    from moekern import surgery
+
+    layers = d["original_num_hidden_layers"]
+    fresh = {**d, "dropped_moe_layers": [], "kept_experts": [None] * layers, "skip_beta": [None] * layers}
+    setattr(model.config, surgery.KEY, fresh)  # the replay below records each decision again
+    surgery.remove_moe_layers(model, d["dropped_moe_layers"])
+    for current, original in enumerate(surgery.original_layer_ids(model)):
+        kept = d["kept_experts"][original]
+        if kept is not None:
+            block = surgery.moe_block(model, original)
+            on_disk = _stored_experts(state, current)
+            if block.kept_experts.numel() == len(kept) and len(kept) < d["original_num_experts"]:
+                # the config already has the smaller count (a uniform drop): the rows are the kept experts
+                block.set_kept_experts(torch.tensor(kept))
+                alive = torch.zeros_like(block.alive)
+                alive[kept] = True
+                block.alive = alive
+                surgery.decisions(model)["kept_experts"][original] = kept
+            else:
+                surgery.drop_experts(model, {original: kept}, mask_only=on_disk != len(kept))
+        if d["skip_beta"][original] is not None:
+            surgery.set_skip_beta(model, {original: d["skip_beta"][original]})
+
+
+def _stored_experts(state: dict, current_layer: int) -> int:
+    for name, tensor in state.items():
+        if f"layers.{current_layer}.mlp.experts.gate_up_proj" in name and tensor.dim() == 3:
+            return tensor.shape[0]
+    raise MoekernError(f"the checkpoint has no experts for layer {current_layer}; it is corrupt")
+
+
+def read_weights(path: Path) -> dict:
+    """All tensors of a folder's *.safetensors shards, with a clear error for a missing or corrupt shard."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    state = {}
+    for shard in shards:
+        if not (path / shard).exists():
+            raise MoekernError(f"weight shard {shard!r} listed in {index.name} is missing from {str(path)!r}")
+        try:
+            state.update(load_file(path / shard))
+        except Exception as exc:  # safetensors raises SafetensorError, an Exception subclass without a stable path
+            raise MoekernError(f"weight shard {str(path / shard)!r} is corrupt or truncated ({exc})") from exc
+    return state
+
+
+def _materialise_buffers(model, config) -> None:
+    """Non-persistent buffers built on the meta device (the rotary frequencies) are computed again for real."""
+    for name, module in model.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if "rotary" in type(module).__name__.lower():
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, attr, type(module)(config=getattr(module, "config", config)))
+            else:
+                raise MoekernError(f"moekern cannot rebuild the buffers of {name} ({type(module).__name__})")

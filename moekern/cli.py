@@ -1,0 +1,150 @@
+"""The `moekern` command.
+
+    moekern info [MODEL]      load a model (default: the small one shipped with moekern), report its size, memory
+                              and held-out perplexity, and generate a short text
+
+Later commands (compress, bench, eval, report) hang off the same parser. Mistakes a user can fix end with a one-line
+message and exit status 2, never a traceback.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from moekern.errors import MoekernError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekern",
+        description="Compress Mixture-of-Experts language models and run them fast on one GPU. "
+        "Every command works offline on local folders; MODEL may be 'shipped', the small Mixtral-style model "
+        "that comes with moekern.",
+        epilog="Start with `moekern info`: it loads the shipped model, measures it and writes a sample.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser(
+        "info",
+        help="size, memory, held-out perplexity and a generated sample of a model",
+        description="Load MODEL, report its parameters, weight bytes, peak memory and perplexity on the shipped "
+        "held-out text, and generate a short continuation of a prompt.",
+    )
+    info.add_argument("model", nargs="?", default="shipped", help="local model folder, or 'shipped' (default)")
+    add_loading_args(info)
+    info.add_argument("--prompt", default="The with statement", help="prompt for the sample (default: %(default)r)")
+    info.add_argument("--max-new-tokens", type=positive_int, default=32, help="length of the sample (default: 32)")
+    info.add_argument("--ppl-tokens", type=positive_int, default=None,
+                      help="score only the first N held-out tokens (default: all of them)")
+    info.add_argument("--seq-len", type=positive_int, default=256, help="perplexity window (default: 256)")
+    info.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def add_loading_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default: float32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model folder's own Python code to run (off by default: read it first)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def load_from_args(args):
+    import torch
+
+    from moekern.checkpoint import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoekernError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device,
+                            trust_remote_code=args.trust_remote_code)
+    if tokenizer is None:
+        raise MoekernError(f"{args.model!r} has no tokenizer files; save the model with its tokenizer")
+    return model, tokenizer
+
+
+def run_info(args) -> int:
+    import torch
+
+    from moekern.eval.perplexity import mean_nll, token_windows
+    from moekern.model_info import describe, human_bytes, human_count, peak_memory_bytes
+    from moekern.shipped import heldout_text
+
+    started = time.perf_counter()
+    model, tokenizer = load_from_args(args)
+    device = next(model.parameters()).device
+    facts = describe(model)
+    facts["model"] = str(args.model)
+    facts["device"] = str(device)
+    facts["load_seconds"] = round(time.perf_counter() - started, 2)
+
+    try:
+        windows = token_windows(tokenizer, heldout_text(), args.seq_len, max_tokens=args.ppl_tokens)
+    except ValueError as exc:
+        raise MoekernError(f"{exc}: lower --seq-len or raise --ppl-tokens") from exc
+    facts["heldout_tokens"] = int(windows.numel())
+    facts["perplexity"] = math.exp(mean_nll(model, windows))
+
+    prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             repetition_penalty=1.3, pad_token_id=tokenizer.pad_token_id)
+    facts["sample"] = tokenizer.decode(out[0], skip_special_tokens=True)
+    facts["peak_memory_bytes"] = peak_memory_bytes(device)
+
+    experts = (f"{human_count(facts['expert_parameters'])} in routed experts "
+               f"({facts['layers']} layers x {facts['experts']} experts, top-{facts['top_k']})"
+               if facts["experts"] else "dense model")
+    peak_kind = "allocated" if device.type == "cuda" else "resident (whole process)"
+    rows = [
+        ("model", f"{args.model}: {facts['architecture']} ({facts['model_type']})"),
+        ("parameters", f"{human_count(facts['parameters'])}, {experts}"),
+        ("weights", f"{human_bytes(facts['weight_bytes'])} as {facts['dtype']} on {device}"),
+        ("peak memory", f"{human_bytes(facts['peak_memory_bytes'])} {peak_kind}"),
+        ("perplexity", f"{facts['perplexity']:.2f} on {facts['heldout_tokens']:,} held-out tokens "
+                       f"(windows of {args.seq_len})"),
+        ("sample", repr(facts["sample"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(facts, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a usage line on an unknown command or option
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except MoekernError as exc:
+        print(f"moekern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moekern {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Stream calibration data through a model one decoder layer at a time.
+
+Only the layer being processed needs to sit on the compute device; its inputs are the outputs of the layer before,
+as that layer was left by the caller (quantized, pruned...), which is what GPTQ, AWQ and the similarity measures of
+the trimming methods all need. Peak memory is one layer plus the activations of the calibration set.
+
+    for index, layer, run in stream_layers(model, input_ids, device="cuda"):
+        handles = add_hooks(layer)      # record what the method needs
+        run()                           # the layer on every calibration batch
+        change(layer)                   # e.g. quantize it; the next layer sees the changed outputs
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from moekern.surgery import decoder_layers
+
+
+class _FirstLayerReached(Exception):
+    pass
+
+
+def first_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
+    """Run the model up to its first decoder layer on each batch: (hidden states, layer kwargs) per batch."""
+    layer0 = decoder_layers(model)[0]
+    captured = []
+
+    def grab(module, args, kwargs):
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        captured.append((hidden.detach(), kwargs))
+        raise _FirstLayerReached
+
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    device = model.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                try:
+                    model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+                except _FirstLayerReached:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def call_layer(layer, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
+    out = layer(_to(hidden, device), **{k: _to(v, device) for k, v in kwargs.items()})
+    return out[0] if isinstance(out, tuple) else out
+
+
+def stream_layers(
+    model, input_ids: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
+    offload: str | torch.device = "cpu",
+) -> Iterator[tuple[int, torch.nn.Module, callable]]:
+    """Yield (index, layer, run) for each decoder layer in order, with the layer on `device`.
+
+    run() runs the layer on every calibration batch and returns the outputs. After the caller's step, the layer's
+    outputs (with the weights as the caller left them) become the next layer's inputs, and the layer goes back to
+    where it was. Activations wait on `offload` between layers.
+    """
+    batches = first_layer_inputs(model, input_ids, batch_size)
+    hiddens = [h.to(offload) for h, _ in batches]
+    kwargs = [kw for _, kw in batches]
+    for index, layer in enumerate(decoder_layers(model)):
+        home = next(layer.parameters()).device
+        target = torch.device(device) if device is not None else home
+        layer.to(target)
+
+        def run(layer=layer, target=target):
+            with torch.no_grad():
+                return [call_layer(layer, h, kw, target) for h, kw in zip(hiddens, kwargs, strict=True)]
+
+        yield index, layer, run
+        hiddens = [out.to(offload) for out in run()]
+        layer.to(home)

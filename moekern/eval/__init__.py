@@ -1,0 +1,1 @@
+"""Evaluation utilities (held-out perplexity, ...)."""

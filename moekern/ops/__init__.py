@@ -1,0 +1,1 @@
+"""Kernels: they know tensors, not models. `reference` is the plain-PyTorch oracle of every kernel."""

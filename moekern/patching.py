@@ -1,0 +1,44 @@
+"""moekern.patch(model) / moekern.unpatch(model).
+
+patch registers moekern's experts computation with transformers' experts interface and switches the model to it:
+the HF modules stay, their weights are untouched, and every experts call runs moekern's path. Blocks whose routing
+state changed (dropped experts, per-token skip) are already moekern's MoEBlock (moekern.surgery swaps them in);
+unpatch swaps them back to the HF block they wrap and restores the experts implementation the model had.
+"""
+
+from transformers.integrations.moe import ExpertsInterface
+
+from moekern.models import family_of
+from moekern.modules.experts import experts_forward
+from moekern.modules.moe import MoEBlock
+
+IMPLEMENTATION = "moekern"
+_PREVIOUS = "_moekern_previous_experts_implementation"
+
+
+def patch(model):
+    """Run the model's experts through moekern. Refuses a model family moekern does not know."""
+    family_of(model)
+    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+    current = model.config._experts_implementation
+    if current != IMPLEMENTATION:
+        setattr(model, _PREVIOUS, current)
+        model.set_experts_implementation(IMPLEMENTATION)
+    return model
+
+
+def unpatch(model):
+    """Back to transformers' own modules and experts implementation. Sliced weights stay sliced (the HF block then
+    routes over the survivors); masks and skips are no longer applied."""
+    for layer in model.get_decoder().layers:
+        if isinstance(layer.mlp, MoEBlock):
+            layer.mlp = layer.mlp.hf_block
+    previous = getattr(model, _PREVIOUS, None)
+    if previous is not None and model.config._experts_implementation == IMPLEMENTATION:
+        model.set_experts_implementation(previous)
+        delattr(model, _PREVIOUS)
+    return model
+
+
+def is_patched(model) -> bool:
+    return model.config._experts_implementation == IMPLEMENTATION

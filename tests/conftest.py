@@ -1,0 +1,27 @@
+"""Test-wide setup. TRITON_INTERPRET must be set before any Triton kernel module is imported: the kernels then run on
+the CPU in Triton's interpreter, so CI checks them without a GPU. On a GPU machine, run with MOEKERN_TEST_GPU=1 to
+leave the interpreter off and test the compiled kernels."""
+
+import os
+
+if os.environ.get("MOEKERN_TEST_GPU") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The shipped model and tokenizer, loaded once (fp32)."""
+    from moekern.shipped import load_model
+
+    return load_model(torch.float32)
