@@ -2,6 +2,9 @@
 
     moekern info [MODEL]      load a model (default: the small one shipped with moekern), report its size, memory
                               and held-out perplexity, and generate a short text
+    moekern compress MODEL --recipe R --out DIR
+                              compress a model by a recipe (e.g. awq4+layer-drop=4) and write the checkpoint and a
+                              report (markdown, JSON, plots) into DIR
 
 Later commands (compress, bench, eval, report) hang off the same parser. Mistakes a user can fix end with a one-line
 message and exit status 2, never a traceback.
@@ -44,6 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seq-len", type=positive_int, default=256, help="perplexity window (default: 256)")
     info.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     info.set_defaults(run=run_info)
+
+    compress = sub.add_parser(
+        "compress",
+        help="compress a model by a recipe; write the checkpoint and a report",
+        description="Compress MODEL by RECIPE, steps joined by '+': rtn4, awq4, gptq4 (:g64, :g32), wanda=0.5, "
+        "sparsegpt=2:4, expert-drop=N (:global, :layerwise), layer-drop=N, block-drop=N (:iterative), "
+        "enum-prune=R, skip or skip=q0.3. Calibration data is read from --calib (a local .txt, .jsonl, .json(.gz), "
+        ".parquet, or a folder saved by datasets) or, by default, from the shipped corpus. Writes the checkpoint "
+        "(with its tokenizer) and compress_report.md/.json and plots into --out.",
+        epilog="Example: moekern compress shipped --recipe rtn4+layer-drop=2 --out shipped-rtn4-l2 "
+        "--samples 32 --seq-len 256",
+    )
+    compress.add_argument("model", help="local model folder, or 'shipped'")
+    compress.add_argument("--recipe", required=True, help="the compression steps, e.g. awq4+block-drop=4")
+    compress.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the checkpoint")
+    compress.add_argument("--calib", default=None, metavar="PATH",
+                          help="calibration corpus (default: the shipped training corpus)")
+    compress.add_argument("--samples", type=positive_int, default=128, help="calibration blocks (default: 128)")
+    compress.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per block (default: 2048)")
+    compress.add_argument("--seed", type=int, default=0, help="seed of the choice of blocks (default: 0)")
+    compress.add_argument("--order", choices=("ST", "TS"), default="ST",
+                          help="ST: slimming (quantization/pruning) then trimming (default, as in the paper); "
+                          "TS: trimming first")
+    compress.add_argument("--allow-fewer-experts", action="store_true",
+                          help="let Expert Drop / enumeration pruning leave fewer experts than top_k in a layer")
+    compress.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch (default: 8)")
+    add_loading_args(compress)
+    compress.set_defaults(run=run_compress)
     return parser
 
 
@@ -67,8 +98,11 @@ def positive_int(text: str) -> int:
 def load_from_args(args):
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     from moekern.checkpoint import load
 
+    hf_logging.disable_progress_bar()  # a bar for loading a few shards says nothing to a reader of this report
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoekernError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
@@ -127,6 +161,36 @@ def run_info(args) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(facts, indent=2) + "\n")
+    return 0
+
+
+def run_compress(args) -> int:
+    from moekern.checkpoint import save
+    from moekern.compress.calibration import calibration_blocks
+    from moekern.compress.recipe import Recipe, check_recipe, run_recipe
+    from moekern.compress.report import write_report
+    from moekern.model_info import human_bytes, human_count
+
+    started = time.perf_counter()
+    recipe = Recipe.parse(args.recipe)  # a typo fails before the model is loaded
+    model, tokenizer = load_from_args(args)
+    check_recipe(recipe, model, args.allow_fewer_experts)
+    calibration = None
+    if recipe.needs_calibration():
+        calibration = calibration_blocks(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+    result = run_recipe(model, recipe, calibration, args.order, allow_fewer=args.allow_fewer_experts,
+                        inplace=True, seed=args.seed, batch_size=args.batch_size, device=args.device)
+    save(result.model, args.out, tokenizer=tokenizer)
+    written = write_report(result, args.out)
+    b, a = result.before, result.after
+    print(f"recipe      {result.recipe} (order {result.order})")
+    for step in result.steps:
+        decided = {k: v for k, v in step.items() if k not in ("step", "kind", "seconds", "report")}
+        print(f"  {step['step']:<20} {step['seconds']:>7.1f} s  {json.dumps(decided, default=str)[:100]}")
+    print(f"parameters  {human_count(b['parameters'])} -> {human_count(a['parameters'])}")
+    print(f"weights     {human_bytes(b['state_bytes'])} -> {human_bytes(a['state_bytes'])}")
+    print(f"checkpoint  {args.out} ({time.perf_counter() - started:.1f} s)")
+    print(f"report      {', '.join(p.name for p in written)}")
     return 0
 
 

@@ -26,7 +26,7 @@ def token_windows(tokenizer, text: str, seq_len: int = 256, max_tokens: int | No
     """
     if seq_len < 2:
         raise ValueError("seq_len must be >= 2")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # whole texts exceed max length
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n_windows = len(ids) // seq_len
