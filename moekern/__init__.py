@@ -26,6 +26,7 @@ _LAZY = {
     "remove_moe_layers": "moekern.surgery",
     "remove_blocks": "moekern.surgery",
     "set_skip_beta": "moekern.surgery",
+    "compress": "moekern.compress",  # the package is callable: moekern.compress(model, recipe, ...)
 }
 
 

@@ -212,6 +212,10 @@ def replay(model, d: dict, state: dict) -> None:
                 surgery.drop_experts(model, {original: kept}, mask_only=on_disk != len(kept))
         if d["skip_beta"][original] is not None:
             surgery.set_skip_beta(model, {original: d["skip_beta"][original]})
+    if d.get("quant"):  # the 4-bit modules, rebuilt from the names and shapes on disk, then assign-loaded
+        from moekern.quant.rebuild import rebuild_quantized
+
+        rebuild_quantized(model, state)
 
 
 def _stored_experts(state: dict, current_layer: int) -> int:

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch (default: 8)")
     add_loading_args(compress)
     compress.set_defaults(run=run_compress)
+    from moekern.bench.cli import add_harness_commands  # bench, eval, report
+
+    add_harness_commands(sub)
     return parser
 
 

@@ -1,9 +1,13 @@
 """The experts computation moekern gives transformers: registered as the experts implementation "moekern", and
 called by moekern's own MoE block. It reads the HF experts module's stacked weights as they are."""
 
+import os
+import sys
+
 import torch
 
 from moekern.models.base import expert_activation, expert_weights
+from moekern.modules.quant import QuantizedExperts
 from moekern.ops import reference
 
 
@@ -13,8 +17,48 @@ def experts_forward(
     """transformers' experts interface: hidden [T, H], top_k_index and top_k_weights [T, k] -> [T, H].
 
     An index of -1 (reference.NO_EXPERT) is a slot that is not computed: a skipped slot or a dropped expert.
+    4-bit experts (moekern.modules.quant.QuantizedExperts) take their own (dequantizing) path.
     """
+    tap = getattr(experts, "calibration_tap", None)
+    if tap is not None:  # moekern.quant.calibrate records which tokens reach which expert
+        tap(hidden_states, top_k_index, top_k_weights)
+    if isinstance(experts, QuantizedExperts):
+        return experts.reference_forward(hidden_states, top_k_index, top_k_weights)
     w_gate_up, w_down, b_gate_up, b_down = expert_weights(experts)
+    # --- issue 5: Triton kernels for stacked bf16/fp16/fp32 weights (MOEKERN_BACKEND, see _backend) ---
+    if isinstance(w_gate_up, torch.Tensor) and w_gate_up.dtype in _DENSE and _backend(hidden_states.device) == "triton":
+        moe_gemm = _triton_kernels(hidden_states.device)
+        return moe_gemm.moe_experts(
+            hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down, expert_activation(experts)
+        )
     return reference.moe_experts(
         hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down, expert_activation(experts)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backend choice (issue 5). MOEKERN_BACKEND=triton|reference|auto (default auto: Triton on CUDA, reference elsewhere).
+# "triton" on a CPU tensor runs the kernels in Triton's interpreter, so a patched model can be checked end to end
+# against the reference on a CPU. Only an env lookup and a device check on the host: nothing data-dependent, no sync.
+# ----------------------------------------------------------------------------------------------------------------------
+_DENSE = (torch.bfloat16, torch.float16, torch.float32)
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _backend(device: torch.device) -> str:
+    choice = os.environ.get("MOEKERN_BACKEND", "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"MOEKERN_BACKEND={choice!r}; choose one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return choice
+
+
+def _triton_kernels(device: torch.device):
+    """moekern.ops.moe_gemm, imported on first use. For CPU tensors the kernels must be interpreted, and Triton
+    decides that when a kernel is decorated: so TRITON_INTERPRET is set before the first import."""
+    if device.type != "cuda" and not {"moekern.ops.moe_gemm", "moekern.ops.routing"} & set(sys.modules):
+        os.environ["TRITON_INTERPRET"] = "1"
+    from moekern.ops import moe_gemm
+
+    return moe_gemm

@@ -1,0 +1,105 @@
+"""Enumeration expert pruning (Lu et al., "Not All Experts are Equal"): in each MoE layer keep the r experts whose
+layer output best reconstructs the original one on calibration tokens.
+
+For a candidate subset S the layer is run as it would be after Expert Drop to S (tokens route among S: softmax,
+top-k and renormalisation over the survivors, as moekern.ops.reference.route does with an `alive` mask), on the
+recorded MoE inputs X (TrimStats.layers[i].moe_inputs), and scored by ||Y - MoE_S(X)||_F against the recorded
+outputs Y. Shared experts are the same for every subset and are kept.
+
+Search: every subset of size r when C(n, r) <= max_subsets (the paper's exact enumeration); beyond that (60-64
+experts), greedy removal: drop, one at a time, the expert whose removal gives the smallest error, until r remain.
+Greedy needs sum_{m=r+1..n} m evaluations instead of C(n, r); it is not guaranteed to find the optimum.
+
+Each expert's output is computed once per token chunk and the subsets only re-weight them, so an evaluation costs
+a gather, not an FFN.
+"""
+
+import itertools
+import math
+
+import torch
+
+from moekern import surgery
+from moekern.compress.stats import TrimStats, router_view
+from moekern.errors import MoekernError
+from moekern.models import family_of
+from moekern.modules.experts import experts_forward
+from moekern.ops.reference import NO_EXPERT, route
+
+MAX_SUBSETS = 5000
+CHUNK_FLOATS = 1 << 26  # per-expert outputs held at once (256 MB in fp32)
+
+
+def subset_errors(block, family, num_original: int, x: torch.Tensor, y: torch.Tensor,
+                  subsets: list[list[int]]) -> torch.Tensor:
+    """||y - MoE_S(x)||_F for each subset S (original expert ids) of an MoEBlock, on tokens x [T, H]."""
+    spec = block.spec
+    stored = block.kept_experts.numel()
+    chunk = max(1, CHUNK_FLOATS // (stored * x.shape[1]))
+    masks = torch.zeros(len(subsets), num_original, dtype=torch.bool)
+    for row, subset in enumerate(subsets):
+        masks[row, subset] = True
+    squared = torch.zeros(len(subsets), dtype=torch.float64)
+    device = block.experts.gate_up_proj.device if hasattr(block.experts, "gate_up_proj") else x.device
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            xs = x[start : start + chunk].to(device)
+            ys = y[start : start + chunk].to(device).float()
+            logits, _, bias = router_view(block, family, num_original, xs)
+            # every stored expert on every token, weight 1: [T, stored, H]
+            outputs = torch.stack([
+                experts_forward(block.experts, xs, torch.full((xs.shape[0], 1), row, device=device),
+                                torch.ones(xs.shape[0], 1, device=device)).float()
+                for row in range(stored)
+            ], dim=1)
+            shared = family.shared_output(block, xs)
+            target = ys - (0 if shared is None else shared.float())
+            for index in range(len(subsets)):
+                weights, ids = route(logits, spec, masks[index].to(device), bias)
+                rows = block.expert_row[ids.clamp(min=0)].masked_fill(ids == NO_EXPERT, 0)
+                picked = outputs.gather(1, rows[..., None].expand(-1, -1, outputs.shape[-1]))
+                routed = (weights[..., None] * picked).sum(dim=1)  # empty slots have weight 0
+                squared[index] += float(((target - routed) ** 2).sum())
+    return squared.sqrt()
+
+
+def best_subset(block, family, num_original: int, x, y, keep: int, max_subsets: int = MAX_SUBSETS):
+    """(kept experts, error, "exact" | "greedy") for one layer."""
+    alive = block.alive.nonzero().flatten().tolist()
+    if math.comb(len(alive), keep) <= max_subsets:
+        subsets = [list(s) for s in itertools.combinations(alive, keep)]
+        errors = subset_errors(block, family, num_original, x, y, subsets)
+        best = int(errors.argmin())  # the first of equal errors: subsets come in lexicographic order
+        return subsets[best], float(errors[best]), "exact"
+    current, error = list(alive), float("nan")
+    while len(current) > keep:
+        subsets = [[e for e in current if e != out] for out in current]
+        errors = subset_errors(block, family, num_original, x, y, subsets)
+        best = int(errors.argmin())
+        current, error = subsets[best], float(errors[best])
+    return current, error, "greedy"
+
+
+def enum_prune(model, stats: TrimStats, keep: int, allow_fewer: bool = False,
+               max_subsets: int = MAX_SUBSETS) -> dict[int, dict]:
+    """Keep `keep` experts in every MoE layer (layers with at most `keep` stay as they are), chosen by
+    reconstruction error, and apply it with surgery.drop_experts. Returns per layer {"kept", "error", "search"}."""
+    family = family_of(model)
+    top_k = family.router_spec(model.config).top_k
+    if keep < 1 or (keep < top_k and not allow_fewer):
+        raise MoekernError(f"enum-prune={keep}: keep at least top_k={top_k} experts per layer "
+                           f"(or allow fewer with allow_fewer / --allow-fewer-experts), and at least 1")
+    num_original = surgery.decisions(model)["original_num_experts"]
+    found = {}
+    for i in stats.moe_layers():
+        layer = stats.layers[i]
+        if int(layer.alive.sum()) <= keep:
+            continue
+        if layer.moe_inputs is None:
+            raise MoekernError("enumeration pruning needs the MoE inputs and outputs: measure with record_tokens=True")
+        block = surgery.moe_block(model, i)
+        kept, error, search = best_subset(block, family, num_original, layer.moe_inputs, layer.moe_outputs, keep,
+                                          max_subsets)
+        surgery.drop_experts(model, {i: kept})
+        found[i] = {"kept": kept, "error": error, "search": search}
+    return found

@@ -1,0 +1,464 @@
+"""Recipes: the compression steps of a model as one string (or the equivalent dataclass), and `compress`, which
+checks a recipe against the model and then applies it.
+
+    compress(model, "awq4+layer-drop=4", tokenizer=tokenizer)      # -> a new, compressed model
+    Recipe.parse("rtn4:g64+expert-drop=2:layerwise+skip=q0.3")    # str(recipe) gives the canonical string back
+
+Steps are joined by "+":
+  Expert Slimming (at most one step; needs moekern.quant)
+    rtn4, awq4, gptq4        4-bit quantization, group size 128; ":g64" or ":g32" for smaller groups
+    wanda=0.5, sparsegpt=0.5 unstructured pruning to that sparsity;  wanda=2:4, sparsegpt=4:8 for N:M sparsity
+  Expert Trimming (in the order written)
+    expert-drop=N            Expert Drop of N experts per MoE layer on average, ":global" (default) or ":layerwise"
+    layer-drop=N             Layer Drop of N MoE layers, ":oneshot" (default) or ":iterative"
+    block-drop=N             Block Drop of N decoder layers, ":oneshot" (default) or ":iterative"
+    enum-prune=R             keep R experts per MoE layer by enumeration pruning (Lu et al.)
+    skip, skip=q0.3          dynamic skipping with beta the median (or the 0.3 quantile) weight ratio per layer
+
+Order: "ST" (default) applies the slimming step first, then the trimming steps, as the paper found slightly better
+(App. D); "TS" trims first. Each trimming step measures the model as it is at that point (one calibration pass).
+"""
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moekern.errors import MoekernError
+
+ORDERS = ("ST", "TS")
+QUANT_METHODS = ("rtn", "awq", "gptq")
+PRUNE_METHODS = ("wanda", "sparsegpt")
+GROUP_SIZES = (128, 64, 32)
+DEFAULT_GROUP = 128
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The steps
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Quantize:
+    method: str  # rtn | awq | gptq
+    bits: int = 4
+    group_size: int = DEFAULT_GROUP
+    slimming = True
+
+    def __str__(self):
+        return f"{self.method}{self.bits}" + ("" if self.group_size == DEFAULT_GROUP else f":g{self.group_size}")
+
+
+@dataclass(frozen=True)
+class Prune:
+    method: str  # wanda | sparsegpt
+    sparsity: float | None = 0.5  # unstructured; None for N:M
+    n: int | None = None
+    m: int | None = None
+    slimming = True
+
+    def __str__(self):
+        return f"{self.method}={self.n}:{self.m}" if self.n is not None else f"{self.method}={self.sparsity!r}"
+
+
+@dataclass(frozen=True)
+class ExpertDrop:
+    n: int
+    mode: str = "global"  # global | layerwise
+    slimming = False
+
+    def __str__(self):
+        return f"expert-drop={self.n}" + ("" if self.mode == "global" else f":{self.mode}")
+
+
+@dataclass(frozen=True)
+class LayerDrop:
+    n: int
+    iterative: bool = False
+    slimming = False
+
+    def __str__(self):
+        return f"layer-drop={self.n}" + (":iterative" if self.iterative else "")
+
+
+@dataclass(frozen=True)
+class BlockDrop:
+    n: int
+    iterative: bool = False
+    slimming = False
+
+    def __str__(self):
+        return f"block-drop={self.n}" + (":iterative" if self.iterative else "")
+
+
+@dataclass(frozen=True)
+class EnumPrune:
+    keep: int
+    slimming = False
+
+    def __str__(self):
+        return f"enum-prune={self.keep}"
+
+
+@dataclass(frozen=True)
+class Skip:
+    quantile: float = 0.5
+    slimming = False
+
+    def __str__(self):
+        return "skip" if self.quantile == 0.5 else f"skip=q{self.quantile!r}"
+
+
+Step = Quantize | Prune | ExpertDrop | LayerDrop | BlockDrop | EnumPrune | Skip
+SYNTAX = ("rtn4, awq4, gptq4 (optionally :g128/:g64/:g32), wanda=0.5, sparsegpt=2:4, "
+          "expert-drop=N[:global|:layerwise], "
+          "layer-drop=N[:iterative], block-drop=N[:iterative], enum-prune=R, skip or skip=q0.3")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A sequence of steps; `Recipe.parse(text)` and `str(recipe)` convert to and from the string form."""
+
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def parse(cls, text: str) -> "Recipe":
+        if not isinstance(text, str) or not text.strip():
+            raise MoekernError(f"empty recipe; give steps joined by '+': {SYNTAX}")
+        recipe = cls(tuple(parse_step(part) for part in text.split("+")))
+        recipe.check_syntax()
+        return recipe
+
+    def __str__(self):
+        return "+".join(str(step) for step in self.steps)
+
+    @property
+    def slimming(self) -> list[Step]:
+        return [s for s in self.steps if s.slimming]
+
+    @property
+    def trimming(self) -> list[Step]:
+        return [s for s in self.steps if not s.slimming]
+
+    def ordered(self, order: str = "ST") -> list[Step]:
+        if order not in ORDERS:
+            raise MoekernError(f"order must be 'ST' (slimming then trimming) or 'TS', got {order!r}")
+        return self.slimming + self.trimming if order == "ST" else self.trimming + self.slimming
+
+    def check_syntax(self) -> None:
+        """What is wrong with the recipe whatever the model."""
+        if not self.steps:
+            raise MoekernError(f"empty recipe; give steps joined by '+': {SYNTAX}")
+        if len(self.slimming) > 1:
+            raise MoekernError(f"recipe {self}: at most one Expert Slimming step (quantization or pruning), got "
+                               f"{', '.join(map(str, self.slimming))}")
+        if sum(isinstance(s, Skip) for s in self.steps) > 1:
+            raise MoekernError(f"recipe {self}: 'skip' may appear once")
+
+    def needs_calibration(self) -> bool:
+        return any(not (isinstance(s, Quantize) and s.method == "rtn") for s in self.steps)
+
+
+def parse_step(text: str) -> Step:
+    """One step of the string form (see the module doc)."""
+    raw = text
+    text = text.strip().lower()
+    if not text:
+        raise MoekernError("empty step in the recipe (two '+' in a row, or a '+' at an end?)")
+    quant = re.fullmatch(r"(rtn|awq|gptq)(\d*)(?::(.*))?", text)
+    if quant:
+        method, bits, option = quant.groups()
+        if bits != "4":
+            raise MoekernError(f"recipe step {raw!r}: moekern quantizes to 4 bits; write {method}4")
+        group = DEFAULT_GROUP
+        if option is not None:
+            found = re.fullmatch(r"g(\d+)", option)
+            if not found or int(found.group(1)) not in GROUP_SIZES:
+                raise MoekernError(f"recipe step {raw!r}: the group option is :g128, :g64 or :g32")
+            group = int(found.group(1))
+        return Quantize(method, 4, group)
+    name, equals, value = text.partition("=")
+    name, colon, option = name.partition(":") if not equals else (name, "", "")
+    if equals:
+        value, colon, option = value.partition(":") if name not in PRUNE_METHODS else (value, "", "")
+    if name in PRUNE_METHODS:
+        if not equals:
+            raise MoekernError(f"recipe step {raw!r}: give a sparsity, e.g. {name}=0.5 or {name}=2:4")
+        nm = re.fullmatch(r"(\d+):(\d+)", value)
+        if nm:
+            n, m = int(nm.group(1)), int(nm.group(2))
+            if not 0 < n < m:
+                raise MoekernError(f"recipe step {raw!r}: N:M sparsity needs 0 < N < M, e.g. 2:4")
+            return Prune(name, None, n, m)
+        sparsity = _number(value, raw, "a sparsity such as 0.5, or N:M such as 2:4")
+        if not 0.0 < sparsity < 1.0:
+            raise MoekernError(f"recipe step {raw!r}: sparsity must be between 0 and 1 (exclusive)")
+        return Prune(name, sparsity)
+    if name == "skip":
+        if colon:
+            raise MoekernError(f"recipe step {raw!r}: skip takes no option; write skip or skip=q0.3")
+        if not equals:
+            return Skip()
+        if not value.startswith("q"):
+            raise MoekernError(f"recipe step {raw!r}: write skip=q<quantile>, e.g. skip=q0.3 (skip alone: median)")
+        q = _number(value[1:], raw, "a quantile between 0 and 1, e.g. skip=q0.3")
+        if not 0.0 <= q <= 1.0:
+            raise MoekernError(f"recipe step {raw!r}: the quantile must be between 0 and 1")
+        return Skip(q)
+    counted = {"expert-drop": ("global", "layerwise"), "layer-drop": ("oneshot", "iterative"),
+               "block-drop": ("oneshot", "iterative"), "enum-prune": ()}
+    if name not in counted:
+        raise MoekernError(f"unknown recipe step {raw.strip()!r}; the steps are: {SYNTAX}")
+    if not equals:
+        raise MoekernError(f"recipe step {raw!r}: give a count, e.g. {name}=2")
+    if not re.fullmatch(r"\d+", value) or int(value) < 1:
+        raise MoekernError(f"recipe step {raw!r}: {name} needs a whole number >= 1, got {value!r}")
+    count = int(value)
+    if colon and option not in counted[name]:
+        options = " or ".join(f":{o}" for o in counted[name]) or "no option"
+        raise MoekernError(f"recipe step {raw!r}: {name} takes {options}, not {option!r}")
+    if name == "expert-drop":
+        return ExpertDrop(count, option or "global")
+    if name == "layer-drop":
+        return LayerDrop(count, option == "iterative")
+    if name == "block-drop":
+        return BlockDrop(count, option == "iterative")
+    return EnumPrune(count)
+
+
+def _number(text: str, raw: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise MoekernError(f"recipe step {raw!r}: {text!r} is not a number; expected {expected}") from None
+    if not math.isfinite(value):
+        raise MoekernError(f"recipe step {raw!r}: expected {expected}")
+    return value
+
+
+def as_recipe(recipe: "Recipe | str") -> Recipe:
+    if isinstance(recipe, Recipe):
+        recipe.check_syntax()
+        return recipe
+    return Recipe.parse(recipe)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking a recipe against a model, before any work
+# ----------------------------------------------------------------------------------------------------------------------
+def check_recipe(recipe: Recipe, model, allow_fewer: bool = False) -> None:
+    """Raise MoekernError if the recipe cannot run to the end on this model.
+
+    Which layers a data-driven step removes is not known in advance, so the counts are followed in the worst case:
+    a Block Drop is assumed to remove MoE layers, a Layer or Block Drop the layers with the most experts, and after a
+    global Expert Drop every layer is assumed to be at its minimum. A recipe that passes never fails midway on a
+    count; one that is rejected says which step could fail."""
+    from moekern import surgery
+
+    recipe.check_syntax()
+    had_decisions = bool(getattr(model.config, surgery.KEY, None))
+    try:
+        _check_counts(recipe, model, allow_fewer)
+    finally:
+        # reading the counts creates empty decisions: checking must not change the caller's model
+        if not had_decisions and hasattr(model.config, surgery.KEY):
+            delattr(model.config, surgery.KEY)
+
+
+def _check_counts(recipe: Recipe, model, allow_fewer: bool) -> None:
+    from moekern import surgery
+    from moekern.compress.expert_drop import min_experts
+    from moekern.models import family_of
+
+    top_k = family_of(model).router_spec(model.config).top_k
+    original_experts = surgery.decisions(model)["original_num_experts"]
+    blocks = len(surgery.decoder_layers(model))
+    experts = sorted(_alive_count(model, i) for i in surgery.moe_layer_ids(model))  # worst-case counts per MoE layer
+
+    for step in recipe.steps:
+        where = f"recipe {recipe}: step {step}"
+        if isinstance(step, (Quantize, Prune)):
+            config = _slimming_config(step)
+            config.validate()
+            if isinstance(step, Quantize):
+                if surgery.decisions(model).get("quant"):
+                    raise MoekernError(f"{where}: the model is already quantized; start from the 16-bit model")
+                # moekern.quant's own width check (group size vs. the quantized widths), before any work
+                from moekern.quant.apply import _check_widths
+
+                _check_widths(model, config)
+        elif isinstance(step, BlockDrop):
+            if step.n >= blocks:
+                raise MoekernError(f"{where} would leave no decoder layer (the model has {blocks}); drop fewer")
+            blocks -= step.n
+            experts = experts[: max(0, len(experts) - step.n)]
+        elif isinstance(step, LayerDrop):
+            if step.n > len(experts):
+                raise MoekernError(f"{where}: only {len(experts)} MoE layers (at worst) are left to drop; drop fewer")
+            experts = experts[: len(experts) - step.n]
+        else:
+            if not experts:
+                raise MoekernError(f"{where}: no MoE layer is left for it")
+            floors = [min_experts(top_k, e, allow_fewer) for e in experts]
+            if isinstance(step, ExpertDrop):
+                room = [e - f for e, f in zip(experts, floors)]
+                fits = (min(room) >= step.n) if step.mode == "layerwise" else sum(room) >= step.n * len(experts)
+                if not fits:
+                    raise MoekernError(
+                        f"{where}: the MoE layers have {experts} experts (at worst) and keep at least "
+                        f"{'top_k=' + str(top_k) if not allow_fewer else 1} each; drop fewer"
+                        + ("" if allow_fewer else " or allow fewer experts than top_k (--allow-fewer-experts)"))
+                experts = ([e - step.n for e in experts] if step.mode == "layerwise" else floors)
+            elif isinstance(step, EnumPrune):
+                if step.keep >= original_experts:
+                    raise MoekernError(f"{where}: keep fewer than the {original_experts} experts a layer has")
+                if step.keep < top_k and not allow_fewer:
+                    raise MoekernError(f"{where}: keeping {step.keep} experts is fewer than top_k={top_k}; keep more "
+                                       f"or allow it (--allow-fewer-experts)")
+                experts = [min(e, step.keep) for e in experts]
+            elif isinstance(step, Skip) and top_k < 2:
+                raise MoekernError(f"{where}: skipping needs top_k >= 2 (this model routes to {top_k} expert)")
+
+
+def _alive_count(model, original: int) -> int:
+    from moekern import surgery
+    from moekern.modules.moe import MoEBlock
+
+    mlp = surgery.decoder_layers(model)[surgery.original_layer_ids(model).index(original)].mlp
+    return int(mlp.alive.sum()) if isinstance(mlp, MoEBlock) else surgery.decisions(model)["original_num_experts"]
+
+
+def _slimming_config(step):
+    try:
+        from moekern.quant import PruneConfig, QuantConfig
+    except ImportError as exc:
+        raise MoekernError(
+            f"step {step}: Expert Slimming (moekern.quant) is not available in this build ({exc})") from exc
+    if isinstance(step, Quantize):
+        return QuantConfig(method=step.method, bits=step.bits, group_size=step.group_size)
+    if step.n is not None:
+        return PruneConfig(method=step.method, sparsity=None, n=step.n, m=step.m)
+    return PruneConfig(method=step.method, sparsity=step.sparsity)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running a recipe
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class CompressionResult:
+    model: object
+    recipe: Recipe
+    order: str
+    steps: list[dict]  # per step: {"step", "kind", "seconds", and what it decided}
+    stats: object | None  # the TrimStats of the first trimming step (the model before trimming), for the report
+    before: dict  # sizes (moekern.compress.report.model_size)
+    after: dict
+    calibration_shape: tuple | None
+
+
+def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST", **options):
+    """Compress `model` by `recipe` (a string or a Recipe) and return the compressed model.
+
+    The caller's model is not modified: it is deep-copied first (which needs memory for a second copy), unless
+    inplace=True. calibration: token ids LongTensor [n, L]; or a path to a local corpus, or None for the shipped
+    corpus, both cut into blocks with the `tokenizer` option (samples, seq_len, seed: see
+    moekern.compress.calibration). RTN alone needs no calibration. Other options: allow_fewer (experts below top_k
+    per layer), batch_size, device (where each layer is calibrated). The recipe is checked against the model
+    before any work (check_recipe) and recorded in decisions(model)["recipe"]. See run_recipe for the details of
+    each step."""
+    return run_recipe(model, recipe, calibration, order, **options).model
+
+
+def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST", *, tokenizer=None,
+               allow_fewer: bool = False, inplace: bool = False, samples: int | None = None,
+               seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None) -> CompressionResult:
+    """compress(), returning the CompressionResult: what each step decided, the statistics measured before
+    trimming, and the sizes before and after (what moekern.compress.report writes)."""
+    from moekern import surgery
+    from moekern.compress.report import model_size
+
+    recipe = as_recipe(recipe)
+    steps = recipe.ordered(order)
+    check_recipe(recipe, model, allow_fewer)
+    ids = _calibration(recipe, calibration, tokenizer, samples, seq_len, seed)
+    if not inplace:
+        model = copy.deepcopy(model)
+    before = model_size(model)
+    log, first_stats = [], None
+    for step in steps:
+        started = time.perf_counter()
+        if step.slimming:
+            entry = _slim(model, step, ids, batch_size, device)
+        else:
+            from moekern.compress.stats import measure
+
+            stats = measure(model, ids, batch_size=batch_size, device=device,
+                            record_tokens=isinstance(step, EnumPrune), seed=seed)
+            first_stats = first_stats or stats
+            entry = _trim(model, step, stats, allow_fewer)
+        log.append({"step": str(step), "kind": "slimming" if step.slimming else "trimming", **entry,
+                    "seconds": round(time.perf_counter() - started, 2)})
+    d = surgery.decisions(model)
+    d["recipe"] = str(recipe)
+    d["recipe_order"] = order
+    shape = None if ids is None else tuple(ids.shape)
+    return CompressionResult(model, recipe, order, log, first_stats, before, model_size(model), shape)
+
+
+def _calibration(recipe, calibration, tokenizer, samples, seq_len, seed):
+    if not recipe.needs_calibration():
+        return None
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype != torch.long or calibration.numel() == 0:
+            raise MoekernError(f"calibration must be token ids, a LongTensor [n, L]; got {tuple(calibration.shape)} "
+                               f"{calibration.dtype}")
+        return calibration
+    if tokenizer is None:
+        raise MoekernError(f"recipe {recipe} needs calibration data: pass calibration=LongTensor [n, L], or a "
+                           f"tokenizer (tokenizer=...) to cut a corpus into blocks")
+    from moekern.compress.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_blocks
+
+    return calibration_blocks(tokenizer, calibration, samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN, seed)
+
+
+def _slim(model, step, ids, batch_size, device) -> dict:
+    config = _slimming_config(step)
+    from moekern.quant import prune_, quantize_
+
+    if isinstance(step, Quantize):
+        report = quantize_(model, config, calibration=ids if config.needs_calibration else None, device=device,
+                           batch_size=batch_size)
+    else:
+        report = prune_(model, config, calibration=ids, device=device, batch_size=batch_size)
+    return {"report": _jsonable(report)}
+
+
+def _trim(model, step, stats, allow_fewer) -> dict:
+    from moekern.compress.depth_drop import block_drop, layer_drop
+    from moekern.compress.enum_prune import enum_prune
+    from moekern.compress.expert_drop import expert_drop
+    from moekern.compress.skip import dynamic_skip
+
+    if isinstance(step, ExpertDrop):
+        return {"kept_experts": expert_drop(model, stats, step.n, step.mode, allow_fewer)}
+    if isinstance(step, LayerDrop):
+        return {"dropped_moe_layers": layer_drop(model, stats, step.n, step.iterative)}
+    if isinstance(step, BlockDrop):
+        return {"dropped_blocks": block_drop(model, stats, step.n, step.iterative)}
+    if isinstance(step, EnumPrune):
+        return {"enum_prune": enum_prune(model, stats, step.keep, allow_fewer)}
+    return {"skip_beta": dynamic_skip(model, stats, step.quantile)}
+
+
+def _jsonable(value):
+    """A report from another module, made safe for json.dumps (tensors become lists, unknown objects strings)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -1,0 +1,1 @@
+"""Offline lm-eval tasks built from moekern's shipped corpus (nothing to download)."""

@@ -1,0 +1,87 @@
+"""The plain configs of moekern's Expert Slimming (torchao-like: `quantize_(model, QuantConfig(...))`), and their
+validation, so a bad option fails before any calibration runs."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moekern.errors import MoekernError
+
+GROUP_SIZES = (32, 64, 128)  # the group sizes the kernels are built for
+
+
+@dataclass
+class QuantConfig:
+    """Group-wise asymmetric 4-bit weight quantization.
+
+    method:     "rtn" (round to nearest, no calibration), "awq" (activation-aware scale search) or "gptq" (Hessian
+                error compensation); AWQ and GPTQ need calibration ids.
+    group_size: one (scale, zero) per `group_size` input channels and output channel; must divide every quantized
+                width (hidden and intermediate sizes).
+    act_order:  GPTQ only: process columns by decreasing Hessian diagonal. Groups stay the contiguous blocks of
+                `group_size` input channels (static groups), so g_idx is k // group_size and the kernel layout holds.
+    quantize_attention:      also quantize the attention projections (off by default, as the paper quantizes experts).
+    quantize_shared_experts: also quantize the always-active FFNs: shared experts and the MLPs of dense layers.
+    The router and lm_head always stay 16-bit.
+    """
+
+    method: Literal["rtn", "awq", "gptq"] = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    quantize_attention: bool = False
+    quantize_shared_experts: bool = True
+
+    def validate(self) -> None:
+        if self.method not in ("rtn", "awq", "gptq"):
+            raise MoekernError(f"unknown quantization method {self.method!r}; choose 'rtn', 'awq' or 'gptq'")
+        if self.bits != 4:
+            raise MoekernError(
+                f"moekern quantizes to 4 bits only (its kernels read 4-bit nibbles), got bits={self.bits}"
+            )
+        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
+            raise MoekernError(f"group_size must be a positive multiple of 8 (32, 64 or 128), got {self.group_size!r}")
+        if self.act_order and self.method != "gptq":
+            raise MoekernError("act_order is a GPTQ option; use method='gptq' or act_order=False")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+
+@dataclass
+class PruneConfig:
+    """Pruning of expert weights.
+
+    method:   "wanda" (|W| x input-channel norm) or "sparsegpt" (OBS with Hessian error compensation).
+    sparsity: fraction of zeros in every output row (unstructured); ignored when n and m are given.
+    n, m:     semi-structured N:M sparsity: at most n non-zeros in every m consecutive input weights (NVIDIA's
+              definition; 2:4 and 4:8 are 50% sparse).
+    prune_shared_experts: also prune shared experts (off: the paper finds them less compressible).
+    """
+
+    method: Literal["wanda", "sparsegpt"] = "wanda"
+    sparsity: float | None = 0.5
+    n: int | None = None
+    m: int | None = None
+    prune_shared_experts: bool = False
+
+    def validate(self) -> None:
+        if self.method not in ("wanda", "sparsegpt"):
+            raise MoekernError(f"unknown pruning method {self.method!r}; choose 'wanda' or 'sparsegpt'")
+        if (self.n is None) != (self.m is None):
+            raise MoekernError("give both n and m for N:M sparsity (e.g. n=2, m=4), or neither")
+        if self.n is not None:
+            if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+                raise MoekernError(f"N:M sparsity needs integers 0 < n < m, got {self.n}:{self.m}")
+        elif self.sparsity is None or not 0.0 <= float(self.sparsity) < 1.0:
+            raise MoekernError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+
+    @property
+    def structured(self) -> bool:
+        return self.n is not None
+
+    def record(self) -> dict:
+        """What goes into decisions(model)["prune"]."""
+        if self.structured:
+            return {"method": self.method, "n:m": f"{self.n}:{self.m}"}
+        return {"method": self.method, "sparsity": float(self.sparsity)}

@@ -1,0 +1,65 @@
+"""End to end: a tiny patched model with MOEKERN_BACKEND=triton (the kernels, interpreted on the CPU) gives the
+reference backend's logits, with dropped experts and per-token skip; and the backend switch itself."""
+
+import os
+
+import pytest
+import torch
+from tiny_models import rel_err, tiny_model
+
+from moekern import surgery
+from moekern.modules import experts as experts_module
+from moekern.patching import patch
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """CPU (interpreter) by default; the GPU with MOEKERN_TEST_GPU=1, where the same tests check compiled kernels."""
+    if os.environ.get("MOEKERN_TEST_GPU") != "1":
+        yield
+        return
+    torch.set_default_device("cuda")
+    yield
+    torch.set_default_device(None)
+
+FP32_BOUND = 1e-5
+
+
+def logits_under(monkeypatch, model, ids, backend):
+    monkeypatch.setenv("MOEKERN_BACKEND", backend)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        step = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    return out.logits, step.logits
+
+
+@pytest.mark.parametrize("family,compress", [("mixtral", True), ("gpt_oss", False), ("deepseek_v3", True)])
+def test_patched_model_triton_equals_reference(monkeypatch, family, compress):
+    model = tiny_model(family)
+    patch(model)
+    if compress:  # Expert Drop (weights sliced) in one MoE layer, per-token skip in all of them
+        layers = surgery.moe_layer_ids(model)
+        first = surgery.moe_block(model, layers[0])
+        surgery.drop_experts(model, {layers[0]: list(range(first.num_original_experts - 3))})
+        surgery.set_skip_beta(model, {layer: 0.5 for layer in layers})
+    ids = torch.randint(3, 97, (2, 7))
+    calls = []
+    real = experts_module._triton_kernels
+    monkeypatch.setattr(experts_module, "_triton_kernels", lambda d: calls.append(d) or real(d))
+    expected = logits_under(monkeypatch, model, ids, "reference")
+    assert not calls
+    got = logits_under(monkeypatch, model, ids, "triton")
+    assert calls, "the Triton path was not taken"
+    for g, e in zip(got, expected, strict=True):
+        assert rel_err(g, e) <= FP32_BOUND
+
+
+def test_backend_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("MOEKERN_BACKEND", raising=False)
+    assert experts_module._backend(cpu) == "reference" and experts_module._backend(cuda) == "triton"
+    monkeypatch.setenv("MOEKERN_BACKEND", "triton")
+    assert experts_module._backend(cpu) == "triton"
+    monkeypatch.setenv("MOEKERN_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="MOEKERN_BACKEND"):
+        experts_module._backend(cpu)

@@ -1,0 +1,169 @@
+"""The Triton grouped MoE GEMM (moekern.ops.moe_gemm) equals reference.moe_experts on fresh random inputs: dense and
+4-bit weights, SiLU and GPT-OSS's clamped SwiGLU with biases on transposed views, the tensor-core and the decode
+(GEMV, split-K) paths, odd sizes, one token, empty experts, all but k experts dropped, every slot skipped.
+Every buffer the kernels allocate is poisoned with NaN first, so an element read before it is written fails."""
+
+from dataclasses import replace
+
+import os
+
+import pytest
+import torch
+
+from moekern.ops import moe_gemm, routing, tuning
+from moekern.ops import reference as R
+from moekern.quant import layout
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """CPU (interpreter) by default; the GPU with MOEKERN_TEST_GPU=1, where the same tests check compiled kernels."""
+    if os.environ.get("MOEKERN_TEST_GPU") != "1":
+        yield
+        return
+    torch.set_default_device("cuda")
+    yield
+    torch.set_default_device(None)
+
+FP32_BOUND = 1e-5  # fp32 math throughout (the interpreter); the order of the sums differs from the reference
+BF16_BOUND = 2e-2
+
+
+def _poison(*size, dtype, device=None):
+    t = torch.empty(*size, dtype=dtype, device=device)
+    return t.fill_(float("nan") if dtype.is_floating_point else -123457)
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(moe_gemm, "_alloc", _poison)
+    monkeypatch.setattr(routing, "_alloc", _poison)
+
+
+def rel(a, b):
+    assert not a.isnan().any(), "NaN: an element was read or returned unwritten"
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def random_routing(tokens, experts, k, usable=None, skip=0.0):
+    """ids [T, k] over `usable` experts (all by default), distinct per token, a fraction `skip` of slots NO_EXPERT."""
+    usable = torch.arange(experts) if usable is None else usable
+    ids = torch.stack([usable[torch.randperm(usable.numel())[:k]] for _ in range(tokens)])
+    ids = ids.masked_fill(torch.rand(tokens, k) < skip, R.NO_EXPERT)
+    return ids, torch.rand(tokens, k)
+
+
+def dense(experts, hidden, inter, bias=False, transposed=False, dtype=torch.float32):
+    w1, w2 = torch.randn(experts, 2 * inter, hidden) * 0.2, torch.randn(experts, hidden, inter) * 0.2
+    if transposed:  # GPT-OSS stores (in, out): the kernels get transposed views
+        w1, w2 = w1.transpose(1, 2).contiguous().transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2)
+    b1, b2 = (torch.randn(experts, 2 * inter), torch.randn(experts, hidden)) if bias else (None, None)
+    return [t if t is None else t.to(dtype) for t in (w1, w2, b1, b2)]
+
+
+def quant4(experts, n, k, group):
+    q = torch.randint(0, 16, (experts, n, k), dtype=torch.uint8)
+    scales = torch.rand(experts, k // group, n) * 0.05 + 0.01
+    zeros = torch.randint(0, 16, (experts, k // group, n), dtype=torch.uint8)
+    qweight = layout.pack(q)
+    return moe_gemm.Quant4(qweight, scales, zeros), layout.dequantize(qweight, scales, zeros)
+
+
+# (tokens, experts, hidden, inter, k, block_m): odd sizes; one token; more experts than pairs (empty experts);
+# block_m None = the tuning table's choice, 1/4 = decode GEMV, 16 = tensor-core tiles
+SHAPES = [(1, 4, 32, 24, 2, None), (7, 5, 40, 24, 2, 4), (23, 6, 48, 40, 3, 16), (3, 16, 32, 16, 2, 1)]
+
+
+@pytest.mark.parametrize("tokens,experts,hidden,inter,k,bm", SHAPES)
+def test_dense_silu_equals_reference(tokens, experts, hidden, inter, k, bm):
+    x = torch.randn(tokens, hidden)
+    w1, w2, _, _ = dense(experts, hidden, inter)
+    ids, weights = random_routing(tokens, experts, k, skip=0.25)
+    expected = R.moe_experts(x, ids, weights, w1, w2)
+    got = moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=bm)
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    assert rel(got, expected) <= FP32_BOUND
+    assert torch.equal(got, moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=bm)), "not deterministic"
+
+
+@pytest.mark.parametrize("bm", [2, 16])
+def test_gpt_oss_clamped_swiglu_biases_transposed(bm):
+    tokens, experts, hidden, inter, k = 9, 4, 32, 24, 2
+    x = torch.randn(tokens, hidden) * 3  # large enough that the clamps bite
+    w1, w2, b1, b2 = dense(experts, hidden, inter, bias=True, transposed=True)
+    act = R.Activation("clamped_swiglu", alpha=1.702, limit=1.5)
+    ids, weights = random_routing(tokens, experts, k, skip=0.3)
+    expected = R.moe_experts(x, ids, weights, w1, w2, b1, b2, act)
+    assert rel(moe_gemm.moe_experts(x, ids, weights, w1, w2, b1, b2, act, block_m=bm), expected) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("bm,group", [(None, 16), (16, 32)])
+def test_4bit_equals_dequantized_reference(bm, group):
+    tokens, experts, hidden, inter, k = 6, 4, 64, 32, 2
+    x = torch.randn(tokens, hidden)
+    (q1, d1), (q2, d2) = quant4(experts, 2 * inter, hidden, group), quant4(experts, hidden, inter, group)
+    ids, weights = random_routing(tokens, experts, k, skip=0.2)
+    expected = R.moe_experts(x, ids, weights, d1, d2)
+    assert rel(moe_gemm.moe_experts(x, ids, weights, q1, q2, block_m=bm), expected) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_split_k_decode_is_deterministic(monkeypatch, quant):
+    """The down GEMM split in 4 along K: partial sums reduced in a fixed order, the same bits on every run."""
+    orig = tuning.fallback
+    monkeypatch.setattr(tuning, "fallback", lambda op, *a: replace(orig(op, *a), BLOCK_K=16,
+                                                                  SPLIT_K=4 if op == "down" else 1))
+    tokens, experts, hidden, inter, k = 2, 4, 32, 64, 2
+    x = torch.randn(tokens, hidden)
+    if quant:
+        (w1, d1), (w2, d2) = quant4(experts, 2 * inter, hidden, 16), quant4(experts, hidden, inter, 16)
+    else:
+        w1, w2, _, _ = dense(experts, hidden, inter)
+        d1, d2 = w1, w2
+    ids, weights = random_routing(tokens, experts, k)
+    expected = R.moe_experts(x, ids, weights, d1, d2)
+    first = moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=1)
+    assert rel(first, expected) <= FP32_BOUND
+    assert torch.equal(first, moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=1))
+
+
+def test_all_but_k_experts_dropped_and_every_slot_skipped():
+    tokens, experts, hidden, inter, k = 11, 8, 32, 16, 2
+    x = torch.randn(tokens, hidden)
+    w1, w2, _, _ = dense(experts, hidden, inter)
+    ids, weights = random_routing(tokens, experts, k, usable=torch.tensor([3, 6]))  # 6 experts dropped
+    assert rel(moe_gemm.moe_experts(x, ids, weights, w1, w2), R.moe_experts(x, ids, weights, w1, w2)) <= FP32_BOUND
+
+    ids[[0, 4, 10]] = R.NO_EXPERT  # three tokens with every slot skipped: exactly zero, never computed
+    got = moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=4)
+    assert (got[[0, 4, 10]] == 0).all()
+    assert rel(got, R.moe_experts(x, ids, weights, w1, w2)) <= FP32_BOUND
+
+    none = torch.full_like(ids, R.NO_EXPERT)
+    assert (moe_gemm.moe_experts(x, none, weights, w1, w2) == 0).all()
+
+
+def test_bf16_inputs():
+    """bf16 activations and weights (fp32 math in the interpreter; the bound is bf16's rounding of in and out)."""
+    tokens, experts, hidden, inter, k = 10, 4, 32, 24, 2
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    w1, w2, _, _ = dense(experts, hidden, inter, dtype=torch.bfloat16)
+    ids, weights = random_routing(tokens, experts, k)
+    expected = R.moe_experts(x.float(), ids, weights, w1.float(), w2.float())
+    got = moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=16)
+    assert got.dtype == torch.bfloat16 and rel(got, expected) <= BF16_BOUND
+
+
+def test_routing_to_gemm_end_to_end():
+    """The Triton router's output fed straight to the GEMM (int32 ids, skipped slots) equals the reference chain."""
+    tokens, experts, hidden, inter = 13, 8, 32, 16
+    spec = R.RouterSpec("sigmoid", 3, renormalize=True, scaling=1.5, n_group=4, topk_group=2, group_score="top2_sum")
+    logits, bias = torch.randn(tokens, experts), torch.randn(experts) * 0.2
+    alive = torch.ones(experts, dtype=torch.bool)
+    alive[[1, 4]] = False
+    x = torch.randn(tokens, hidden)
+    w1, w2, _, _ = dense(experts, hidden, inter)
+    w_ref, ids_ref = R.route(logits, spec, alive, bias, 0.4)
+    w, ids = routing.route(logits, spec, alive, bias, 0.4)
+    expected = R.moe_experts(x, ids_ref, w_ref, w1, w2)
+    assert rel(moe_gemm.moe_experts(x, ids, w, w1, w2), expected) <= FP32_BOUND
