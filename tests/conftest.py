@@ -25,3 +25,14 @@ def shipped():
     from moekern.shipped import load_model
 
     return load_model(torch.float32)
+
+
+@pytest.fixture
+def on_test_device():
+    """CPU (interpreter) by default; the GPU with MOEKERN_TEST_GPU=1, where the same tests check compiled kernels."""
+    if os.environ.get("MOEKERN_TEST_GPU") != "1":
+        yield
+        return
+    torch.set_default_device("cuda")
+    yield
+    torch.set_default_device(None)

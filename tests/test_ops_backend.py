@@ -1,7 +1,6 @@
 """End to end: a tiny patched model with MOEKERN_BACKEND=triton (the kernels, interpreted on the CPU) gives the
 reference backend's logits, with dropped experts and per-token skip; and the backend switch itself."""
 
-import os
 
 import pytest
 import torch
@@ -12,15 +11,7 @@ from moekern.modules import experts as experts_module
 from moekern.patching import patch
 
 
-@pytest.fixture(autouse=True)
-def on_test_device():
-    """CPU (interpreter) by default; the GPU with MOEKERN_TEST_GPU=1, where the same tests check compiled kernels."""
-    if os.environ.get("MOEKERN_TEST_GPU") != "1":
-        yield
-        return
-    torch.set_default_device("cuda")
-    yield
-    torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 FP32_BOUND = 1e-5
 

@@ -5,7 +5,6 @@ Every buffer the kernels allocate is poisoned with NaN first, so an element read
 
 from dataclasses import replace
 
-import os
 
 import pytest
 import torch
@@ -15,15 +14,7 @@ from moekern.ops import reference as R
 from moekern.quant import layout
 
 
-@pytest.fixture(autouse=True)
-def on_test_device():
-    """CPU (interpreter) by default; the GPU with MOEKERN_TEST_GPU=1, where the same tests check compiled kernels."""
-    if os.environ.get("MOEKERN_TEST_GPU") != "1":
-        yield
-        return
-    torch.set_default_device("cuda")
-    yield
-    torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 FP32_BOUND = 1e-5  # fp32 math throughout (the interpreter); the order of the sums differs from the reference
 BF16_BOUND = 2e-2

@@ -2,7 +2,6 @@
 random inputs: every router family, dropped experts, all but k dropped, per-token skip, one token, odd sizes.
 Outputs are poisoned before each launch, so an element the kernel does not write fails."""
 
-import os
 
 import pytest
 import torch
@@ -11,15 +10,7 @@ from moekern.ops import reference as R
 from moekern.ops import routing
 
 
-@pytest.fixture(autouse=True)
-def on_test_device():
-    """CPU (interpreter) by default; the GPU with MOEKERN_TEST_GPU=1, where the same tests check compiled kernels."""
-    if os.environ.get("MOEKERN_TEST_GPU") != "1":
-        yield
-        return
-    torch.set_default_device("cuda")
-    yield
-    torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 def _poison(*size, dtype, device=None):
