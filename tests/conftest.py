@@ -36,3 +36,17 @@ def on_test_device():
     torch.set_default_device("cuda")
     yield
     torch.set_default_device(None)
+
+
+def _poison(*size, dtype, device=None):
+    t = torch.empty(*size, dtype=dtype, device=device)
+    return t.fill_(float("nan") if dtype.is_floating_point else -123457)
+
+
+@pytest.fixture
+def poisoned_kernel_outputs(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN (or a wild integer), so an element they never write fails."""
+    from moekern.ops import moe_gemm, routing
+
+    monkeypatch.setattr(moe_gemm, "_alloc", _poison)
+    monkeypatch.setattr(routing, "_alloc", _poison)
