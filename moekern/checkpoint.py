@@ -130,7 +130,7 @@ def config_for_disk(model):
     config = copy.deepcopy(model.config)
     family = family_of(model)
     stored = {
-        layer.mlp.experts.gate_up_proj.shape[0] for layer in decoder_layers(model) if is_moe_block(layer.mlp)
+        layer.mlp.experts.num_experts for layer in decoder_layers(model) if is_moe_block(layer.mlp)
     }
     masked = any(not bool(layer.mlp.alive.all()) for layer in decoder_layers(model)
                  if hasattr(layer.mlp, "alive") and not layer.mlp.compact())

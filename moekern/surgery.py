@@ -112,7 +112,7 @@ def drop_experts(model, kept: Mapping[int, Sequence[int]], mask_only: bool = Fal
 
 def _slice_experts(block: MoEBlock, rows: list[int]) -> None:
     """Keep only these storage rows of the experts' weights and the router's per-expert rows (new, smaller tensors)."""
-    index = torch.tensor(rows, device=block.experts.gate_up_proj.device)
+    index = torch.tensor(rows, device=block.kept_experts.device)
     for module in (block.experts, getattr(block, block.family.router_attr)):
         for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if tensor.dim() >= 1 and tensor.shape[0] == block.kept_experts.numel():

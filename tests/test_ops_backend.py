@@ -8,7 +8,9 @@ from tiny_models import rel_err, tiny_model
 
 from moekern import surgery
 from moekern.modules import experts as experts_module
+from moekern.modules.quant import QuantizedExperts
 from moekern.patching import patch
+from moekern.quant import QuantConfig, quantize_
 
 
 pytestmark = pytest.mark.usefixtures("on_test_device")
@@ -43,6 +45,48 @@ def test_patched_model_triton_equals_reference(monkeypatch, family, compress):
     assert calls, "the Triton path was not taken"
     for g, e in zip(got, expected, strict=True):
         assert rel_err(g, e) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("family,method,overrides", [
+    ("mixtral", "awq", dict(intermediate_size=32)),  # AWQ: per-expert input scales on gate_up, in the K loop
+    ("gpt_oss", "awq", dict(intermediate_size=32)),  # + the down input scale (clamped SwiGLU), biases, transposed
+    ("qwen3_moe", "gptq", dict(moe_intermediate_size=32, intermediate_size=32)),
+])
+def test_4bit_model_triton_equals_reference(monkeypatch, family, method, overrides):
+    """A quantized tiny model (after Expert Drop and with skip) on the 4-bit kernels and the Triton router gives the
+    dequantizing reference's logits, prefill and one cached decode step."""
+    model = tiny_model(family, **overrides)
+    layers = surgery.moe_layer_ids(model)
+    surgery.drop_experts(model, {layers[0]: [0, 2, 3, 5]})
+    surgery.set_skip_beta(model, {layer: 0.3 for layer in layers})
+    calibration = torch.randint(3, 97, (4, 16))
+    quantize_(model, QuantConfig(method, group_size=16), calibration)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    assert len(quantized) == len(layers)
+    if method == "awq":
+        assert all(hasattr(m, "gate_up_proj_input_scale") for m in quantized)
+    ids = torch.randint(3, 97, (2, 6))
+    calls = []
+    real = experts_module._triton_kernels
+    monkeypatch.setattr(experts_module, "_triton_kernels", lambda d: calls.append(d) or real(d))
+    expected = logits_under(monkeypatch, model, ids, "reference")
+    assert not calls
+    got = logits_under(monkeypatch, model, ids, "triton")
+    assert calls, "the Triton path was not taken"
+    for g, e in zip(got, expected, strict=True):
+        assert rel_err(g, e) <= FP32_BOUND
+
+
+def test_4bit_group_the_kernels_cannot_read(monkeypatch):
+    """Group 8 (valid for the reference) runs the reference under auto, and is a clear error when Triton is forced."""
+    model = tiny_model("mixtral", num_hidden_layers=1)
+    quantize_(model, QuantConfig("rtn", group_size=8), torch.randint(3, 97, (2, 8)))
+    experts = next(m for m in model.modules() if isinstance(m, QuantizedExperts))
+    monkeypatch.setenv("MOEKERN_BACKEND", "auto")
+    assert not experts_module._use_4bit_kernels(experts, torch.device("cuda"))
+    monkeypatch.setenv("MOEKERN_BACKEND", "triton")
+    with pytest.raises(ValueError, match="power-of-two group size"):
+        experts_module._use_4bit_kernels(experts, torch.device("cpu"))
 
 
 def test_backend_choice(monkeypatch):

@@ -88,6 +88,20 @@ def test_4bit_equals_dequantized_reference(bm, group):
     assert rel(moe_gemm.moe_experts(x, ids, weights, q1, q2, block_m=bm), expected) <= FP32_BOUND
 
 
+@pytest.mark.parametrize("bm", [1, 16])
+def test_4bit_with_awq_input_scales(bm):
+    """AWQ's unfolded per-expert input scales (gate_up over H, down over I) applied in the K loop equal the reference
+    on the effective weights dequantize(W[e]) * input_scale[e]."""
+    tokens, experts, hidden, inter, k, group = 9, 5, 64, 48, 2, 16
+    x = torch.randn(tokens, hidden)
+    (q1, d1), (q2, d2) = quant4(experts, 2 * inter, hidden, group), quant4(experts, hidden, inter, group)
+    s1, s2 = torch.rand(experts, hidden) + 0.5, torch.rand(experts, inter) + 0.5
+    q1, q2 = replace(q1, input_scale=s1), replace(q2, input_scale=s2)
+    ids, weights = random_routing(tokens, experts, k, skip=0.2)
+    expected = R.moe_experts(x, ids, weights, d1 * s1[:, None, :], d2 * s2[:, None, :])
+    assert rel(moe_gemm.moe_experts(x, ids, weights, q1, q2, block_m=bm), expected) <= FP32_BOUND
+
+
 @pytest.mark.parametrize("quant", [False, True])
 def test_split_k_decode_is_deterministic(monkeypatch, quant):
     """The down GEMM split in 4 along K: partial sums reduced in a fixed order, the same bits on every run."""

@@ -168,3 +168,11 @@ def test_bad_requests_are_refused_with_clear_errors():
     dense = tiny_model("qwen2_moe")
     with pytest.raises(MoekernError, match="dense layer"):
         surgery.drop_experts(dense, {1: [0, 1]})
+
+
+def test_moe_block_buffers_of_a_meta_skeleton_stay_on_the_cpu():
+    """MoEBlock puts its routing buffers on its weights' device (checked on a GPU by the kernel tests with
+    MOEKERN_TEST_GPU=1), except for moekern.load's meta skeleton, whose replay of the decisions reads them."""
+    model = tiny_model("mixtral").to("meta")
+    block = surgery.moe_block(model, 0)
+    assert {t.device.type for t in (block.alive, block.kept_experts, block.expert_row)} == {"cpu"}

@@ -17,13 +17,21 @@ def experts_forward(
     """transformers' experts interface: hidden [T, H], top_k_index and top_k_weights [T, k] -> [T, H].
 
     An index of -1 (reference.NO_EXPERT) is a slot that is not computed: a skipped slot or a dropped expert.
-    4-bit experts (moekern.modules.quant.QuantizedExperts) take their own (dequantizing) path.
+    4-bit experts (moekern.modules.quant.QuantizedExperts) go to the same kernels with their packed weights (the
+    dequantization happens in the K loop), or to their dequantizing reference on the reference backend.
     """
     tap = getattr(experts, "calibration_tap", None)
     if tap is not None:  # moekern.quant.calibrate records which tokens reach which expert
         tap(hidden_states, top_k_index, top_k_weights)
     if isinstance(experts, QuantizedExperts):
-        return experts.reference_forward(hidden_states, top_k_index, top_k_weights)
+        if not _use_4bit_kernels(experts, hidden_states.device):
+            return experts.reference_forward(hidden_states, top_k_index, top_k_weights)
+        moe_gemm = _triton_kernels(hidden_states.device)
+        gate_up, down = (moe_gemm.Quant4(*experts.packed(name)) for name in ("gate_up_proj", "down_proj"))
+        return moe_gemm.moe_experts(
+            hidden_states, top_k_index, top_k_weights, gate_up, down,
+            getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None), experts.act,
+        )
     w_gate_up, w_down, b_gate_up, b_down = expert_weights(experts)
     # --- issue 5: Triton kernels for stacked bf16/fp16/fp32 weights (MOEKERN_BACKEND, see _backend) ---
     if isinstance(w_gate_up, torch.Tensor) and w_gate_up.dtype in _DENSE and _backend(hidden_states.device) == "triton":
@@ -52,6 +60,32 @@ def _backend(device: torch.device) -> str:
     if choice == "auto":
         return "triton" if device.type == "cuda" else "reference"
     return choice
+
+
+def route(logits, spec, alive, correction_bias, skip_beta):
+    """Router logits -> (weights, ids) for MoEBlock: the Triton routing kernel on the Triton backend (ids int32),
+    reference.route elsewhere. Both mark a skipped slot or an empty one NO_EXPERT."""
+    if _backend(logits.device) == "triton":
+        _triton_kernels(logits.device)  # sets up the interpreter on a CPU before the kernels' first import
+        from moekern.ops import routing
+
+        return routing.route(logits, spec, alive, correction_bias, skip_beta)
+    return reference.route(logits, spec, alive, correction_bias, skip_beta)
+
+
+def _use_4bit_kernels(experts: QuantizedExperts, device: torch.device) -> bool:
+    """The 4-bit kernels read one scale row per K step: group sizes 16, 32, 64, 128... Other group sizes (a multiple
+    of 8 that is not a power of two) run the dequantizing reference; forcing the kernels on them is an error."""
+    if _backend(device) != "triton":
+        return False
+    group = experts.group_size
+    if group >= 16 and group & (group - 1) == 0:
+        return True
+    if os.environ.get("MOEKERN_BACKEND", "auto").lower() == "triton":
+        raise ValueError(f"MOEKERN_BACKEND=triton: the 4-bit kernels need a power-of-two group size of at least 16, "
+                         f"this model has {group}; requantize with group_size 32, 64 or 128, or use "
+                         f"MOEKERN_BACKEND=reference")
+    return False
 
 
 def _triton_kernels(device: torch.device):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from moekern.models.base import Family
-from moekern.modules.experts import experts_forward
-from moekern.ops.reference import NO_EXPERT, route
+from moekern.modules.experts import experts_forward, route
+from moekern.ops.reference import NO_EXPERT
 
 
 class MoEBlock(nn.Module):
@@ -24,8 +24,13 @@ class MoEBlock(nn.Module):
         # kept_experts: the original id of each stored expert; expert_row: the storage row of each original expert
         # (NO_EXPERT for a dropped one); alive: False for a dropped expert, also in "mask only" mode where the weights
         # stay. All three follow from the decisions in config.moekern, so they are not saved.
-        self.register_buffer("alive", torch.ones(num_original_experts, dtype=torch.bool), persistent=False)
-        self.set_kept_experts(torch.arange(self.experts.gate_up_proj.shape[0]))
+        # On the block's device, so a model patched after .to("cuda") routes without a host round trip; a skeleton on
+        # the meta device (moekern.load) keeps them on the CPU, where its replay of the decisions reads them.
+        device = next(iter(hf_block.state_dict().values())).device
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.register_buffer("alive", torch.ones(num_original_experts, dtype=torch.bool, device=device),
+                             persistent=False)
+        self.set_kept_experts(torch.arange(self.experts.num_experts, device=device))
         self.skip_beta: float | None = None
         self._hf_block = (hf_block,)  # a tuple hides it from nn.Module: unpatch puts it back
 

@@ -37,17 +37,16 @@ class QuantizedExperts(nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.contiguous())
         self.act = act
-        self.num_experts = self.gate_up_proj_qweight.shape[0]
-
-    @property
-    def gate_up_proj(self) -> torch.Tensor:
-        """The packed gate_up weights. Only for code that reads the stacked experts' count and device
-        (gate_up_proj.shape[0], .device: MoEBlock, Expert Drop, save); the weights are dequantized by forward."""
-        return self.gate_up_proj_qweight
+        self.num_experts = self.gate_up_proj_qweight.shape[0]  # as HF's experts modules (kept by Expert Drop)
 
     @property
     def group_size(self) -> int:
         return self.gate_up_proj_qweight.shape[-2] * layout.PACK // self.gate_up_proj_scales.shape[-2]
+
+    def packed(self, name: str) -> tuple:
+        """(qweight, scales, zeros, input_scale or None) of "gate_up_proj" or "down_proj": what the 4-bit kernels
+        read (moekern.ops.moe_gemm.Quant4)."""
+        return (*(getattr(self, f"{name}_{part}") for part in PACKED), getattr(self, f"{name}_input_scale", None))
 
     def dequantized(self, name: str, expert: int) -> torch.Tensor:
         """The effective (out, in) weight of one expert's `name` ("gate_up_proj" or "down_proj"): the dequantized

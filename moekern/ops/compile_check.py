@@ -31,14 +31,14 @@ def _signature(kernel, ptr_types: dict, constexprs: dict, default_ptr: str):
     return sig
 
 
-def _gemm(op, quant, bm, act=0, bias=False, n=2048, k=1408, tokens=64):
+def _gemm(op, quant, bm, act=0, bias=False, n=2048, k=1408, tokens=64, in_scale=False):
     """A GEMM variant with the launch parameters tuning.config gives the host for this shape."""
     from moekern.ops import moe_gemm, tuning
 
     group = 128 if quant else None
     cfg = tuning.config(op, n, k, quant, tokens, bm, 64, group)
     consts = dict(BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, QUANT=quant, GROUP=group or 1,
-                  HAS_BIAS=bias, USE_DOT=bm >= 16, DOT_FP32=False)
+                  HAS_BIAS=bias, HAS_IN_SCALE=in_scale, USE_DOT=bm >= 16, DOT_FP32=False)
     # unit strides as the host passes them: dense W [E, N, K] has K contiguous; 4-bit words and scales N contiguous
     consts.update(dict(stride_wn=1, stride_sn=1) if quant else dict(stride_wk=1))
     ptrs = {"sorted_ptr": "*i32", "block_expert_ptr": "*i32"}
@@ -51,6 +51,7 @@ def _gemm(op, quant, bm, act=0, bias=False, n=2048, k=1408, tokens=64):
         kernel = moe_gemm.down_kernel
         ptrs.update({"weight_ptr": "*fp32", "part_ptr": "*fp32"})
     label = f"{op} {'4-bit' if quant else 'bf16'} BLOCK_M={bm}{' clamped+bias' if act else ''}"
+    label += " AWQ input scale" if in_scale else ""
     return label, kernel, ptrs, consts, "*bf16", cfg.num_warps, cfg.num_stages
 
 
@@ -64,10 +65,10 @@ def variants():
         _gemm("gate_up", False, 1, act=1, bias=True),
         _gemm("gate_up", False, 64),
         _gemm("gate_up", True, 4),
-        _gemm("gate_up", True, 16),
+        _gemm("gate_up", True, 16, in_scale=True),
         _gemm("down", False, 8),
         _gemm("down", False, 64),
-        _gemm("down", True, 1),
+        _gemm("down", True, 1, in_scale=True),
         _gemm("down", True, 32),
         ("slot_sum", moe_gemm.slot_sum_kernel, {"part_ptr": "*fp32", "ids_ptr": "*i32"},
          dict(TOP_K=8, SPLIT_K=4, BLOCK_N=1024), "*bf16", 4, 1),

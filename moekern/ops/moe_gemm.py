@@ -52,6 +52,9 @@ class Quant4:
     qweight: torch.Tensor  # int32 [E, K // 8, N]
     scales: torch.Tensor  # [E, K // G, N]
     zeros: torch.Tensor  # uint8 [E, K // G, N]
+    # AWQ's per-expert input scale [E, K] where it could not be folded into the op before (moekern.modules.quant):
+    # W_eff[e] = dequantize(W[e]) * input_scale[e][None, :], applied to the activation tile in the K loop
+    input_scale: torch.Tensor | None = None
 
     @property
     def shape(self):  # the shape of the dense W it stands for
@@ -96,6 +99,15 @@ def _load_w_tile(w_ptr, s_ptr, z_ptr, e, n_rows, k0, n_ok, K,
 
 
 @triton.jit
+def _scale_input(a, in_scale_ptr, e, offs_k, k_ok, stride_ie, HAS_IN_SCALE: tl.constexpr):
+    """a [BM, BK] times expert e's input scale over columns offs_k (AWQ, unfolded): x * s @ W^T = x @ (W * s)^T."""
+    if HAS_IN_SCALE:
+        s = tl.load(in_scale_ptr + e.to(tl.int64) * stride_ie + offs_k, mask=k_ok, other=0.0)
+        a = (a.to(tl.float32) * s.to(tl.float32)[None, :]).to(a.dtype)
+    return a
+
+
+@triton.jit
 def _mma(acc, a, b, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc [BM, BN] fp32 += a [BM, BK] @ b [BK, BN]. DOT_FP32: the interpreter (its bf16 tl.dot is wrong) and fp32
     weights (exact fp32, not tf32). Without USE_DOT (BLOCK_M < 16, where tl.dot cannot go): broadcast and sum."""
@@ -114,12 +126,12 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def gate_up_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, in_scale_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
     num_pairs, K, I, stride_xt,
-    stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_it,
+    stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ie, stride_it,
     alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT: tl.constexpr, GROUP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -144,6 +156,7 @@ def gate_up_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + token[:, None] * stride_xt + offs_k[None, :],
                         mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            a = _scale_input(a, in_scale_ptr, e, offs_k, offs_k < K, stride_ie, HAS_IN_SCALE)
             wg = _load_w_tile(w_ptr, s_ptr, z_ptr, e, gate_rows, k0, n_ok, K, stride_we, stride_wn, stride_wk,
                               stride_se, stride_sg, stride_sn, BLOCK_K, QUANT, GROUP)
             acc_g = _mma(acc_g, a, wg, USE_DOT, DOT_FP32)
@@ -168,11 +181,11 @@ def gate_up_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def down_kernel(
-    inter_ptr, w_ptr, s_ptr, z_ptr, b_ptr, weight_ptr, part_ptr, sorted_ptr, block_expert_ptr,
+    inter_ptr, w_ptr, s_ptr, z_ptr, b_ptr, in_scale_ptr, weight_ptr, part_ptr, sorted_ptr, block_expert_ptr,
     num_pairs, K, N, k_per_split, stride_it,
-    stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ps, stride_pp,
+    stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ie, stride_ps, stride_pp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -191,6 +204,7 @@ def down_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(inter_ptr + pairs[:, None] * stride_it + offs_k[None, :],
                         mask=row_ok[:, None] & (offs_k < k_end)[None, :], other=0.0)
+            a = _scale_input(a, in_scale_ptr, e, offs_k, offs_k < k_end, stride_ie, HAS_IN_SCALE)
             w = _load_w_tile(w_ptr, s_ptr, z_ptr, e, offs_n, k0, n_ok, k_end, stride_we, stride_wn, stride_wk,
                              stride_se, stride_sg, stride_sn, BLOCK_K, QUANT, GROUP)
             acc = _mma(acc, a, w, USE_DOT, DOT_FP32)
@@ -237,6 +251,15 @@ def _weight_args(w):
     return (w, w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, 0, False, 1)
 
 
+def _input_scale_args(w, fallback):
+    """(pointer, expert stride, present) of a Quant4's input scale; `fallback` is a dummy pointer when absent."""
+    scale = w.input_scale if isinstance(w, Quant4) else None
+    if scale is None:
+        return fallback, 0, False
+    scale = scale.contiguous()
+    return scale, scale.stride(0), True
+
+
 def _dot_fp32(x: torch.Tensor, w) -> bool:
     dense_fp32 = not isinstance(w, Quant4) and w.dtype == torch.float32
     return INTERPRETED or x.dtype == torch.float32 or dense_fp32
@@ -250,13 +273,15 @@ def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top
     cfg = tuning.config("gate_up", i, k, wargs[-2], num_tokens, bm, block_expert.numel(),
                         wargs[-1] if wargs[-2] else None)
     inter = _alloc(max(num_pairs, 1), i, dtype=x.dtype, device=x.device)
+    in_scale, stride_ie, has_in_scale = _input_scale_args(w, x)
     grid = (block_expert.numel(), triton.cdiv(i, cfg.BLOCK_N))
     gate_up_kernel[grid](
-        x, *wargs[:3], b if b is not None else x, inter, sorted_pairs, block_expert,
-        num_pairs, k, i, x.stride(0), *wargs[3:9], b.stride(0) if b is not None else 0, inter.stride(0),
+        x, *wargs[:3], b if b is not None else x, in_scale, inter, sorted_pairs, block_expert,
+        num_pairs, k, i, x.stride(0), *wargs[3:9], b.stride(0) if b is not None else 0, stride_ie, inter.stride(0),
         float(act.alpha), float(act.limit),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, QUANT=wargs[-2], GROUP=wargs[-1],
-        ACT=ACT[act.kind], HAS_BIAS=b is not None, USE_DOT=bm >= 16, DOT_FP32=_dot_fp32(x, w),
+        ACT=ACT[act.kind], HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, USE_DOT=bm >= 16,
+        DOT_FP32=_dot_fp32(x, w),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return inter
@@ -271,13 +296,14 @@ def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, n
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
     split = triton.cdiv(k, k_per_split)
     part = _alloc(split, max(num_pairs, 1), n, dtype=torch.float32, device=inter.device)
+    in_scale, stride_ie, has_in_scale = _input_scale_args(w, inter)
     grid = (block_expert.numel(), triton.cdiv(n, cfg.BLOCK_N), split)
     down_kernel[grid](
-        inter, *wargs[:3], b if b is not None else inter, pair_weights, part, sorted_pairs, block_expert,
+        inter, *wargs[:3], b if b is not None else inter, in_scale, pair_weights, part, sorted_pairs, block_expert,
         num_pairs, k, n, k_per_split, inter.stride(0), *wargs[3:9], b.stride(0) if b is not None else 0,
-        part.stride(0), part.stride(1),
+        stride_ie, part.stride(0), part.stride(1),
         BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, QUANT=wargs[-2], GROUP=wargs[-1],
-        HAS_BIAS=b is not None, USE_DOT=bm >= 16, DOT_FP32=_dot_fp32(inter, w),
+        HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, USE_DOT=bm >= 16, DOT_FP32=_dot_fp32(inter, w),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part
