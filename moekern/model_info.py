@@ -7,10 +7,20 @@ import torch
 
 
 def describe(model: torch.nn.Module) -> dict:
-    """Sizes of a causal LM: all parameters, the routed experts' share, and the bytes its weights take."""
+    """Sizes of a causal LM: all parameters, the routed experts' share, and the bytes its weights take.
+
+    Tied weights count once. A packed 4-bit weight (moekern.quant.layout: the `qweight` buffers) counts as the weights
+    it holds, so quantization leaves the parameter count as it was; weight_bytes is every tensor of the state dict
+    (packed weights, scales and zeros included), each storage once: the memory the weights take."""
+    from moekern.quant.layout import PACK  # 4-bit values per stored int32
+
     cfg = model.config
-    params = list(model.parameters())  # tied weights appear once
-    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    weights = dict(model.named_parameters())  # tied weights appear once
+    packed = {name: b for name, b in model.named_buffers() if name.endswith("qweight")}
+    weights.update(packed)
+    count = {name: t.numel() * (PACK if name in packed else 1) for name, t in weights.items()}
+    storages = {t.data_ptr(): t for t in model.state_dict().values()}
+    first = next(iter(model.parameters()))
     return {
         "architecture": type(model).__name__,
         "model_type": cfg.model_type,
@@ -19,10 +29,10 @@ def describe(model: torch.nn.Module) -> dict:
         or getattr(cfg, "n_routed_experts", None),
         "top_k": getattr(cfg, "num_experts_per_tok", None),
         "hidden_size": cfg.hidden_size,
-        "parameters": sum(p.numel() for p in params),
-        "expert_parameters": expert_params,
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-        "dtype": str(params[0].dtype).removeprefix("torch."),
+        "parameters": sum(count.values()),
+        "expert_parameters": sum(c for name, c in count.items() if ".experts." in name),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in storages.values()),
+        "dtype": str(first.dtype).removeprefix("torch."),
     }
 
 
