@@ -1,7 +1,8 @@
 """lm-eval on an in-memory model (HFLM(pretrained=model) + simple_evaluate), offline, plus held-out perplexity.
 
 The paper's eight tasks run zero-shot and are scored by the metric the paper reports for each (PAPER_TASKS); their
-datasets must already be on disk: nothing is downloaded (the HF offline switches are set). The two moekern tasks are
+datasets must already be on disk, in a datasets cache folder or as files DATA_DIR/<task>/<split>.jsonl
+(eval/local_tasks.py): nothing is downloaded (the HF offline switches are set). The two moekern tasks are
 built from the shipped corpus and always run."""
 
 import os
@@ -9,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from moekern.errors import MoekernError
+from moekern.eval.local_tasks import LOCAL_SPLITS, local_file, local_task_config
 
 # task: (metric, lm-eval 0.4 dataset path and name). acc_norm (length-normalised) where the paper reports it, for the
 # tasks whose choices differ in length; acc elsewhere.
@@ -100,24 +102,32 @@ def _lm_eval(model, tokenizer, tasks, limit, data_dir, batch_size, seed):
             include = str(write_task(Path(folder), seed))
         # Indexing lm-eval's own task folder takes tens of seconds: only when a paper task asks for it.
         manager = TaskManager(include_path=include, include_defaults=any(t in PAPER_TASKS for t in tasks))
-        for task in tasks:
-            _check_dataset(manager, task, data_dir)
+        specs = []
+        for task in tasks:  # a task with its documents in DATA_DIR/<task>/ runs on that file (eval/local_tasks.py)
+            path = local_file(task, data_dir) if task in PAPER_TASKS else None
+            specs.append(local_task_config(manager, task, path) if path else task)
+            _check_dataset(manager, specs[-1], data_dir)
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         except ImportError as exc:  # lm-eval's HF model needs accelerate
             raise MoekernError(f"lm-eval cannot wrap the model: {exc}") from exc
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=manager,
+        results = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=manager,
                                           log_samples=False, bootstrap_iters=1000, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     for task in tasks:
         yield _result(task, results)
 
 
-def _check_dataset(manager, task: str, data_dir) -> None:
+def _check_dataset(manager, spec, data_dir) -> None:
     """Load the task once (lm-eval reads its dataset then) and say clearly what is missing where."""
+    task = spec["task"] if isinstance(spec, dict) else spec
     try:
-        manager.load([task])
+        manager.load([spec])
     except Exception as exc:  # datasets raises many kinds (ConnectionError, FileNotFoundError, DatasetNotFoundError)
+        if isinstance(spec, dict):
+            path = spec["dataset_kwargs"]["data_files"]["eval"]
+            raise MoekernError(f"task {task}: lm-eval cannot read {path} ({type(exc).__name__}: {exc}); it needs "
+                               f"the columns of the task's hub dataset") from exc
         if task not in PAPER_TASKS:
             raise MoekernError(f"task {task}: lm-eval cannot load it ({type(exc).__name__}: {exc})") from exc
         _, path, name = PAPER_TASKS[task]
@@ -126,7 +136,9 @@ def _check_dataset(manager, task: str, data_dir) -> None:
             f"task {task}: its dataset {path}{f' ({name})' if name else ''} is not in {where}, and moekern downloads "
             f"nothing. On a connected machine run `datasets.load_dataset({path!r}"
             f"{f', {name!r}' if name and ' ' not in name else ''})` with HF_DATASETS_CACHE=DIR, copy DIR here and "
-            f"pass --data-dir DIR. ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            f"pass --data-dir DIR; or put the {LOCAL_SPLITS.get(task, 'test')} split's rows as "
+            f"DIR/{task}/{LOCAL_SPLITS.get(task, 'test')}.jsonl and pass --data-dir DIR. "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
         ) from exc
 
 
