@@ -50,10 +50,15 @@ def load_pretrained(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ):
-    """Load (model, tokenizer) of a plain Hugging Face folder with safetensors weights, in eval mode."""
+    """Load (model, tokenizer) of a plain Hugging Face folder with safetensors weights, in eval mode. A published
+    AutoAWQ (GEMM) or GPTQ checkpoint loads into moekern's 4-bit modules (moekern.quant.hub)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moekern.quant.hub import is_quantized_folder, load_quantized_folder
+
     path = resolve_model_dir(source)
+    if is_quantized_folder(path):
+        return load_quantized_folder(path, dtype=None if dtype == "auto" else dtype, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -180,7 +185,7 @@ def load(
             f"unexpected {sorted(unexpected)[:5]}. The checkpoint is corrupt or from another model."
         )
     model.tie_weights()
-    _materialise_buffers(model, config)
+    materialise_buffers(model, config)
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
@@ -245,7 +250,7 @@ def read_weights(path: Path) -> dict:
     return state
 
 
-def _materialise_buffers(model, config) -> None:
+def materialise_buffers(model, config) -> None:
     """Non-persistent buffers built on the meta device (the rotary frequencies) are computed again for real."""
     for name, module in model.named_modules():
         if any(b.is_meta for b in module.buffers(recurse=False)):

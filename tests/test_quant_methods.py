@@ -102,8 +102,8 @@ def test_awq_on_an_expert_folds_its_scales_exactly(act):
     w_gate_up, w_down = torch.randn(2 * inter, hidden) * 0.1, torch.randn(hidden, inter) * 0.1
     bias = torch.randn(2 * inter) * 0.1 if act != "silu" else None
     kind = Activation(act)
-    awq_tensors, awq_error = quantize_ffn(x, w_gate_up, w_down, bias, None, kind, "awq", 32)
-    _, rtn_error = quantize_ffn(x, w_gate_up, w_down, bias, None, kind, "rtn", 32)
+    awq_tensors, awq_error, _ = quantize_ffn(x, w_gate_up, w_down, bias, None, kind, "awq", 32)
+    _, rtn_error, _ = quantize_ffn(x, w_gate_up, w_down, bias, None, kind, "rtn", 32)
     assert awq_error < rtn_error
     assert ("down_proj_input_scale" in awq_tensors) == (act != "silu")
     assert "gate_up_proj_input_scale" in awq_tensors

@@ -83,7 +83,7 @@ def build_preset(name: str, layers: int | None = None, dtype=None, device="cpu",
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moekern.checkpoint import _materialise_buffers
+    from moekern.checkpoint import materialise_buffers
 
     dtype = dtype or torch.bfloat16
     config = preset_config(name, layers)
@@ -103,7 +103,7 @@ def build_preset(name: str, layers: int | None = None, dtype=None, device="cpu",
                 raise
             raise MoekernError(f"preset {name} does not fit on {device}: out of memory at {label} of "
                                f"{config.num_hidden_layers} layers; use --layers N to shrink it") from exc
-    _materialise_buffers(model, config)
+    materialise_buffers(model, config)
     model.to(device)  # the rotary buffers rebuilt on the CPU
     return model.eval()
 

@@ -285,9 +285,9 @@ def _check_counts(recipe: Recipe, model, allow_fewer: bool) -> None:
                 if surgery.decisions(model).get("quant"):
                     raise MoekernError(f"{where}: the model is already quantized; start from the 16-bit model")
                 # moekern.quant's own width check (group size vs. the quantized widths), before any work
-                from moekern.quant.apply import _check_widths
+                from moekern.quant.apply import check_widths
 
-                _check_widths(model, config)
+                check_widths(model, config)
         elif isinstance(step, BlockDrop):
             if step.n >= blocks:
                 raise MoekernError(f"{where} would leave no decoder layer (the model has {blocks}); drop fewer")

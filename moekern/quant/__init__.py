@@ -16,12 +16,14 @@ Both record their decision in moekern.surgery.decisions(model) ("quant": {method
     calibrate.py   per-expert / per-linear inputs, streamed layer by layer (stream_layers + a tap in experts_forward)
     targets.py     which modules of a layer are compressed     ffn.py   one FFN or linear group by one method
     apply.py       quantize_ and prune_ over a model           rebuild.py  the 4-bit modules again at load time
+    hub.py         whole AutoAWQ / GPTQ checkpoint folders of MoE models: load_quantized_folder, save_quantized_folder
 """
 
 from importlib import import_module
 
 # Imported on first use: moekern.modules.quant needs moekern.quant.layout, and moekern.quant.apply needs the modules.
-_LAZY = {"QuantConfig": "config", "PruneConfig": "config", "quantize_": "apply", "prune_": "apply"}
+_LAZY = {"QuantConfig": "config", "PruneConfig": "config", "quantize_": "apply", "prune_": "apply",
+         "load_quantized_folder": "hub", "save_quantized_folder": "hub"}
 
 
 def __getattr__(name: str):
@@ -30,4 +32,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'moekern.quant' has no attribute {name!r}")
 
 
-__all__ = ["PruneConfig", "QuantConfig", "prune_", "quantize_"]
+__all__ = ["PruneConfig", "QuantConfig", "load_quantized_folder", "prune_", "quantize_", "save_quantized_folder"]

@@ -35,7 +35,8 @@ def _quant_linears(model, layer, config: QuantConfig) -> dict[str, nn.Linear]:
     return found
 
 
-def _check_widths(model, config: QuantConfig) -> None:
+def check_widths(model, config: QuantConfig) -> None:
+    """Fail before any calibration if the group size does not divide a width that would be quantized."""
     for index, layer in enumerate(decoder_layers(model)):
         experts = targets.routed_experts(layer)
         if experts is not None:
@@ -53,13 +54,16 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
     calibration: token ids LongTensor [n, L], needed by AWQ and GPTQ (RTN only reports its errors on it). Each
     routed expert is calibrated on the tokens the router sends it; an expert no calibration token reaches is
     quantized by RTN (counted in the report). device: where each layer is calibrated (default: where it is).
-    Returns the report: per layer seconds, experts quantized, RTN fallbacks, relative output errors on calibration.
+    Returns the report: per layer seconds, experts quantized, RTN fallbacks (experts without calibration tokens),
+    awq_kept_rtn (experts where RTN had the lower routing-weighted output error on calibration, so AWQ kept it), and
+    the relative output errors on calibration: plain (every routed token once) and, for the routed experts,
+    weighted by the routing weights (the error as it reaches the layer's output).
     """
     config.validate()
     d = decisions(model)
     if d.get("quant"):
         raise MoekernError(f"the model is already quantized ({d['quant']}); quantize the 16-bit model")
-    _check_widths(model, config)
+    check_widths(model, config)
     started = time.time()
     report = {"method": config.method, "bits": config.bits, "group_size": config.group_size, "layers": []}
     if config.needs_calibration or calibration is not None:  # RTN uses it only to report the output errors
@@ -71,21 +75,25 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
         walk = ((i, layer, None) for i, layer in enumerate(decoder_layers(model)))
     for index, layer, capture in walk:
         t0 = time.time()
-        entry = {"layer": index, "experts": 0, "fallback_rtn": 0, "linears": 0, "errors": []}
+        entry = {"layer": index, "experts": 0, "fallback_rtn": 0, "awq_kept_rtn": 0, "linears": 0, "errors": [],
+                 "weighted_errors": []}
         with torch.no_grad():
             _quantize_experts(layer, capture, config, entry)
             _quantize_other_linears(model, layer, capture, config, entry)
-        errors = entry.pop("errors")
+        errors, weighted = entry.pop("errors"), entry.pop("weighted_errors")
         entry["mean_rel_output_error"] = sum(errors) / len(errors) if errors else None
         entry["max_rel_output_error"] = max(errors) if errors else None
+        entry["mean_weighted_rel_output_error"] = sum(weighted) / len(weighted) if weighted else None
         entry["seconds"] = round(time.time() - t0, 3)
         report["layers"].append(entry)
         del capture  # this layer's inputs go before the next layer's are captured
     d["quant"] = {"method": config.method, "bits": config.bits, "group_size": config.group_size}
     report["fallback_rtn"] = sum(e["fallback_rtn"] for e in report["layers"])
+    report["awq_kept_rtn"] = sum(e["awq_kept_rtn"] for e in report["layers"])
     report["experts"] = sum(e["experts"] for e in report["layers"])
-    errors = [e["mean_rel_output_error"] for e in report["layers"] if e["mean_rel_output_error"] is not None]
-    report["mean_rel_output_error"] = sum(errors) / len(errors) if errors else None
+    for key in ("mean_rel_output_error", "mean_weighted_rel_output_error"):
+        errors = [e[key] for e in report["layers"] if e[key] is not None]
+        report[key] = sum(errors) / len(errors) if errors else None
     report["seconds"] = round(time.time() - started, 2)
     return report
 
@@ -99,15 +107,19 @@ def _quantize_experts(layer, capture, config: QuantConfig, entry: dict) -> None:
     per_expert = []
     for e in range(w_gu.shape[0]):
         x = capture.expert_inputs(e) if capture is not None else None
+        routing = capture.expert_routing_weights(e) if capture is not None else None
         if config.needs_calibration and x is None:
             entry["fallback_rtn"] += 1
-        tensors, error = quantize_ffn(
+        tensors, error, weighted = quantize_ffn(
             x, w_gu[e], w_d[e], None if b_gu is None else b_gu[e], None if b_d is None else b_d[e], act,
-            config.method, config.group_size, config.act_order, w_gu.dtype,
+            config.method, config.group_size, config.act_order, w_gu.dtype, token_weights=routing,
         )
+        if config.method == "awq" and x is not None and "gate_up_proj_input_scale" not in tensors:
+            entry["awq_kept_rtn"] += 1  # RTN had the lower routing-weighted output error on calibration
         per_expert.append(tensors)
         if error is not None:
             entry["errors"].append(error)
+            entry["weighted_errors"].append(weighted)
     stacked = {}
     for name in dict.fromkeys(n for t in per_expert for n in t):  # an RTN fallback has no AWQ input scale: ones
         like = next(t[name] for t in per_expert if name in t)
@@ -128,8 +140,8 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
             continue
         g, u, dn = linears[gate], linears[up], linears[down]
         w_gu = torch.cat([g.weight, u.weight])
-        tensors, error = quantize_ffn(inputs(gate), w_gu, dn.weight, None, None, _SILU, config.method,
-                                      config.group_size, config.act_order, g.weight.dtype)
+        tensors, error, _ = quantize_ffn(inputs(gate), w_gu, dn.weight, None, None, _SILU, config.method,
+                                         config.group_size, config.act_order, g.weight.dtype)
         inter = g.out_features
         split = {gate: slice(0, inter), up: slice(inter, 2 * inter)}
         for name, rows in split.items():
@@ -145,12 +157,14 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
             entry["errors"].append(error)
     # q, k, v read input_layernorm only: AWQ searches one scale for the three and folds it into the norm
     norm = getattr(layer, "input_layernorm", None)
-    if all(n in linears for n in QKV) and isinstance(getattr(norm, "weight", None), nn.Parameter):
+    # (where the norm is not y = weight * normalized(x), they take input scales below, one by one)
+    if all(n in linears for n in QKV) and _NormFold.foldable(norm):
         x = inputs(QKV[0])
+        fold = _NormFold(norm)
         packed, s, error = quantize_linears(x, [linears[n].weight for n in QKV], _method(config, x),
-                                            config.group_size, config.act_order, clip=False)
+                                            config.group_size, config.act_order, clip=False, fix_scale=fold.fix)
         if s is not None:
-            norm.weight.div_(s.to(norm.weight.dtype))
+            fold.apply()
         for name, tensors in zip(QKV, packed, strict=True):
             _replace_linear(layer, name, tensors, linears[name])
         done.update(QKV)
@@ -170,6 +184,47 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
         entry["linears"] += 1
         if error is not None:
             entry["errors"].append(error)
+
+
+class _NormFold:
+    """AWQ's q/k/v scale s folded into the norm before them: weight g becomes f = round_dtype(g / s). The weights are
+    quantized against s' = g / f, the scale the rounded norm weight really applies (fix), so the fold is exact up to
+    fp32 rounding in any dtype."""
+
+    def __init__(self, norm: nn.Module):
+        self.norm, self.g = norm, norm.weight.detach().clone()
+        self.folded = None
+
+    @staticmethod
+    def foldable(norm) -> bool:
+        """Whether dividing the norm's weight by a per-channel s divides its output by s (y = weight * n(x); not a
+        (1 + weight) norm, no bias), checked on random inputs with the weight restored after."""
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or getattr(norm, "bias", None) is not None:
+            return False
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(4, weight.shape[0], generator=generator).to(weight.device, torch.float32)
+        s = (torch.rand(weight.shape[0], generator=generator) + 0.5).to(weight.device)
+        saved = weight.data  # the very tensor is put back, so nothing that shares it notices
+        with torch.no_grad():
+            try:
+                weight.data = saved.float().clone()
+                before = norm(probe).float()
+                weight.data = saved.float() / s
+                after = norm(probe).float() * s
+            finally:
+                weight.data = saved
+        return bool((after - before).abs().max() <= 1e-5 * before.abs().max().clamp_min(1e-12))
+
+    def fix(self, s: torch.Tensor) -> torch.Tensor:
+        g = self.g.float().to(s.device)
+        self.folded = (g / s).to(self.g.dtype)
+        f = self.folded.float()
+        return torch.where(f != 0, g / torch.where(f != 0, f, 1.0), s)  # a zero channel: any scale is exact
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            self.norm.weight.copy_(self.folded.to(self.norm.weight.device))
 
 
 _SILU = Activation("silu")  # the shared experts and dense MLPs of every family moekern knows

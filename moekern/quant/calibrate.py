@@ -51,21 +51,29 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
 
 
 class LayerCapture:
-    """While active, records the inputs of one decoder layer's routed experts (per stored expert row) and of the
-    given linears. expert_inputs[e] / linear_inputs[name]: [rows, K] tensors."""
+    """While active, records the inputs of one decoder layer's routed experts (per stored expert row), with the
+    routing weight each token gave that expert, and the inputs of the given linears. expert_inputs(e) /
+    linear_inputs(name): [rows, K] tensors; expert_routing_weights(e): [rows] (the factor the expert's output is
+    multiplied by in the model, summed over the token's slots that chose e)."""
 
     def __init__(self, layer_index: int, experts: nn.Module | None, linears: dict[str, nn.Module]):
         self.layer_index, self.experts, self.linears = layer_index, experts, linears
         self._experts = defaultdict(list)
+        self._routing = defaultdict(list)
         self._linears = defaultdict(list)
         self._handles = []
 
     def _tap(self, hidden, ids, weights):
         _check_finite(hidden, f"the experts of layer {self.layer_index}")
         hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+        ids = ids.reshape(hidden.shape[0], -1)
+        weights = weights.detach().reshape(hidden.shape[0], -1)
         for e in ids.unique().tolist():
             if e >= 0:
-                self._experts[e].append(hidden[(ids == e).any(dim=-1)])
+                chosen = ids == e
+                rows = chosen.any(dim=-1)
+                self._experts[e].append(hidden[rows])
+                self._routing[e].append((weights.float() * chosen).sum(dim=-1)[rows])
 
     def __enter__(self):
         if self.experts is not None:
@@ -87,6 +95,10 @@ class LayerCapture:
 
     def expert_inputs(self, row: int) -> torch.Tensor | None:
         found = self._experts.get(row)
+        return torch.cat(found) if found else None
+
+    def expert_routing_weights(self, row: int) -> torch.Tensor | None:
+        found = self._routing.get(row)
         return torch.cat(found) if found else None
 
     def linear_inputs(self, name: str) -> torch.Tensor | None:
