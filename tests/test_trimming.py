@@ -74,10 +74,7 @@ def hand_scores(model, layer, x):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_statistics_match_a_hand_computation(family):
-    # GPT-OSS with all layers full attention: stream_layers passes every layer the first layer's attention mask, so
-    # with the tiny model's sliding-window first layer, layer 1 would be calibrated with a sliding mask (reported).
-    overrides = {"layer_types": ["full_attention"] * 2} if family == "gpt_oss" else {}
-    model = tiny_model(family, **overrides)
+    model = tiny_model(family)  # GPT-OSS: sliding then full attention, each layer calibrated with its own mask
     ids = calibration()
     stats = measure(model, ids, batch_size=3)  # two uneven batches
     seen = captured_forward(model, ids)
