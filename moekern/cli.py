@@ -5,8 +5,11 @@
     moekern compress MODEL --recipe R --out DIR
                               compress a model by a recipe (e.g. awq4+layer-drop=4) and write the checkpoint and a
                               report (markdown, JSON, plots) into DIR
+    moekern paper [MODEL] --out DIR
+                              the paper's comparison: every recipe compressed once, then perplexity, lm-eval tasks,
+                              speed, FLOPs and memory, in one report with tables and figures (moekern/bench/paper.py)
 
-Later commands (compress, bench, eval, report) hang off the same parser. Mistakes a user can fix end with a one-line
+bench, eval, report and paper hang off the same parser (moekern/bench/cli.py). Mistakes a user can fix end with a one-line
 message and exit status 2, never a traceback.
 """
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from moekern.errors import MoekernError
 
 DTYPES = ("float32", "bfloat16", "float16")
+BLOCK_MATRIX_TOKENS = 8192  # calibration tokens behind the block-wise similarity matrix (Fig. 7) of a report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress Mixture-of-Experts language models and run them fast on one GPU. "
         "Every command works offline on local folders; MODEL may be 'shipped', the small Mixtral-style model "
         "that comes with moekern.",
-        epilog="Start with `moekern info`: it loads the shipped model, measures it and writes a sample.",
+        epilog="Start with `moekern info` (the shipped model measured, and a sample) or `moekern paper --out DIR` "
+        "(the paper's comparison on the shipped model, about 2.5 minutes on 2 CPU cores).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -181,8 +186,18 @@ def run_compress(args) -> int:
     calibration = None
     if recipe.needs_calibration():
         calibration = calibration_blocks(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+    base_stats = None
+    first = recipe.ordered(args.order)[0]
+    if not first.slimming:  # the first trimming step's calibration pass also records the block-wise matrix (Fig. 7)
+        from moekern.compress.recipe import EnumPrune
+        from moekern.compress.stats import measure
+
+        base_stats = measure(model, calibration, batch_size=args.batch_size, device=args.device,
+                             record_tokens=isinstance(first, EnumPrune), seed=args.seed,
+                             block_tokens=BLOCK_MATRIX_TOKENS)
     result = run_recipe(model, recipe, calibration, args.order, allow_fewer=args.allow_fewer_experts,
-                        inplace=True, seed=args.seed, batch_size=args.batch_size, device=args.device)
+                        inplace=True, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                        base_stats=base_stats)
     save(result.model, args.out, tokenizer=tokenizer)
     written = write_report(result, args.out)
     b, a = result.before, result.after
@@ -200,6 +215,7 @@ def run_compress(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a usage line on an unknown command or option
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for the reports
     if args.command is None:
         parser.print_help()
         return 0

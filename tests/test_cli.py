@@ -15,7 +15,7 @@ def moekern(*args, cwd=None):
 def test_help_names_the_commands():
     result = moekern("--help")
     assert result.returncode == 0
-    assert "info" in result.stdout and "shipped" in result.stdout
+    assert "info" in result.stdout and "shipped" in result.stdout and "paper" in result.stdout
     assert moekern().returncode == 0  # no command: the same help, not an error
 
 
@@ -26,6 +26,8 @@ def test_help_names_the_commands():
         (["info", "/no/such/model"], "does not exist"),
         (["info", "--max-new-tokens", "0"], "expected a positive integer"),
         (["info", "--dtype", "int3"], "invalid choice: 'int3'"),
+        (["paper", "--tasks", "nope"], "unknown task 'nope'"),
+        (["paper", "--batch-sizes", "0"], "expected comma-separated positive integers"),
     ],
 )
 def test_bad_invocations_say_what_is_wrong(args, message):

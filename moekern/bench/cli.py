@@ -1,4 +1,4 @@
-"""The `bench`, `eval` and `report` subcommands; moekern/cli.py adds them with add_harness_commands(sub)."""
+"""The `bench`, `eval`, `report` and `paper` subcommands; moekern/cli.py adds them with add_harness_commands(sub)."""
 
 import argparse
 import platform
@@ -68,11 +68,16 @@ def add_harness_commands(sub) -> None:
     report = sub.add_parser(
         "report",
         help="one markdown report (the paper's Table 3), plots and JSON from bench and eval runs",
-        description="Read the *.jsonl records of the RUN_DIRs and write report.md, report.json and PNG plots.",
+        description="Read the *.jsonl records of the RUN_DIRs and write report.md, report.json and PNG plots. A "
+        "folder of `moekern paper` (even an interrupted one) gets the paper report of its latest run.",
     )
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     report.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: the first RUN_DIR")
     report.set_defaults(run=run_report)
+
+    from moekern.bench.paper import add_paper_command
+
+    add_paper_command(sub)
 
 
 def batch_list(text: str) -> list[int]:
@@ -247,6 +252,11 @@ def run_report(args) -> int:
     records = read_records(args.run_dirs)
     if not records:
         raise MoekernError(f"no records (*.jsonl) in {', '.join(map(str, args.run_dirs))}; run moekern bench or eval")
-    written = write_report(records, args.out or args.run_dirs[0])
+    if any(r["kind"] == "run" and r.get("command") == "paper" for r in records):
+        from moekern.bench import paper_report
+
+        written = paper_report.write_report(records, args.out or args.run_dirs[0])
+    else:
+        written = write_report(records, args.out or args.run_dirs[0])
     print("report      " + ", ".join(str(p) for p in written))
     return 0

@@ -144,40 +144,55 @@ def flops_text(flops) -> str:
     return str(flops)
 
 
-def markdown(content: dict, plots: list[Path]) -> str:
+def table3_lines(content: dict) -> list[str]:
+    """The paper's Table 3 as markdown rows: method, speedups, FLOPs, memory, accuracy per task, average, relative,
+    and the held-out perplexity where it was measured. A row may carry its own `label` and an `error`."""
     tasks = content["tasks"]
     head = ["Method", "Speedup (decode)", "Speedup (prefill)", "FLOPs", "Memory",
             *(TASK_LABELS.get(t, t) for t in tasks), "Avg.", "Rel."]
     if content["perplexity"]:
         head.append("Heldout PPL")
-    lines = ["# moekern report", "", f"Runs: {', '.join(content['runs'])}", "",
-             *(f"Environment: {e}" for e in content["environment"]), "",
-             "## Compression vs. speed, memory and accuracy (the paper's Table 3)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in content["rows"]:
         at = f" (b={r['speedup_batch']})" if r["speedup_batch"] else ""
-        cells = [f"{r['model']}: {r['method']}" + (f" [{r['recipe']}]" if r["method"] == "checkpoint" else ""),
-                 _fmt(r["decode_speedup"], ".2f", "x") + at, _fmt(r["prefill_speedup"], ".2f", "x"),
+        label = r.get("label") or (f"{r['model']}: {r['method']}"
+                                   + (f" [{r['recipe']}]" if r["method"] == "checkpoint" else ""))
+        if r.get("error") and r.get("weight_bytes") is None:
+            lines.append(f"| {label} | failed: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [label, _fmt(r["decode_speedup"], ".2f", "x") + at, _fmt(r["prefill_speedup"], ".2f", "x"),
                  flops_text(r["flops"]), "—" if r["weight_bytes"] is None else human_bytes(r["weight_bytes"]),
                  *(_fmt(r["accuracy"].get(t) and 100 * r["accuracy"][t], ".1f") for t in tasks),
                  _fmt(r["average"] and 100 * r["average"], ".1f"), _fmt(r["relative"] and 100 * r["relative"], ".1f", "%")]
         if content["perplexity"]:
             cells.append(_fmt(r["perplexity"], ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def speed_lines(content: dict) -> list[str]:
+    """The speed per batch size as markdown rows."""
+    lines = ["| Model | Method | Batch | Context | Prefill tok/s | Decode step | Decode tok/s | Speedup | "
+             "Peak memory | Floor step | x floor |", "|" + "---|" * 11]
+    for s in content["speed"]:
+        if s["status"] != "ok":
+            lines.append(f"| {s['model']} | {s['method']} | {s['batch']} | {s['context']} | out of memory |"
+                         + " |" * 6)
+            continue
+        lines.append(
+            f"| {s['model']} | {s['method']} | {s['batch']} | {s['context']} | {s['prefill_tok_s']:.1f} | "
+            f"{s['decode_step_median_s'] * 1e3:.2f} ms | {s['decode_tok_s']:.1f} | "
+            f"{_fmt(s['decode_speedup'], '.2f', 'x')} | {human_bytes(s['peak_memory_bytes'])} | "
+            f"{s['floor_step_s'] * 1e3:.3f} ms | {s['times_floor']:.1f} |")
+    return lines
+
+
+def markdown(content: dict, plots: list[Path]) -> str:
+    lines = ["# moekern report", "", f"Runs: {', '.join(content['runs'])}", "",
+             *(f"Environment: {e}" for e in content["environment"]), "",
+             "## Compression vs. speed, memory and accuracy (the paper's Table 3)", "", *table3_lines(content)]
     if content["speed"]:
-        lines += ["", "## Speed per batch size", "",
-                  "| Model | Method | Batch | Context | Prefill tok/s | Decode step | Decode tok/s | Speedup | "
-                  "Peak memory | Floor step | x floor |", "|" + "---|" * 11]
-        for s in content["speed"]:
-            if s["status"] != "ok":
-                lines.append(f"| {s['model']} | {s['method']} | {s['batch']} | {s['context']} | out of memory |"
-                             + " |" * 6)
-                continue
-            lines.append(
-                f"| {s['model']} | {s['method']} | {s['batch']} | {s['context']} | {s['prefill_tok_s']:.1f} | "
-                f"{s['decode_step_median_s'] * 1e3:.2f} ms | {s['decode_tok_s']:.1f} | "
-                f"{_fmt(s['decode_speedup'], '.2f', 'x')} | {human_bytes(s['peak_memory_bytes'])} | "
-                f"{s['floor_step_s'] * 1e3:.3f} ms | {s['times_floor']:.1f} |")
+        lines += ["", "## Speed per batch size", "", *speed_lines(content)]
     if plots:
         lines += ["", "## Plots", "", *(f"![{p.stem}]({p.name})" for p in plots)]
     lines += ["", "## Notes", "", *(f"- {n}" for n in content["notes"]), ""]
@@ -192,40 +207,63 @@ def plot(content: dict, out: Path) -> list[Path]:
 
     written = []
     if content["speed"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         lines: dict[tuple, list] = {}
         for s in content["speed"]:
             if s["status"] == "ok":
-                lines.setdefault((s["model"], s["method"], s["run"]), []).append((s["batch"], s["decode_tok_s"]))
-        for (model, method, _), points in lines.items():
-            ax.plot(*zip(*sorted(points)), marker="o", label=f"{model}: {method}")
+                key = (s.get("label") or f"{s['model']}: {s['method']}", s["run"])
+                lines.setdefault(key, []).append((s["batch"], s["decode_tok_s"]))
+        colors = plt.get_cmap("tab20").colors
+        for index, ((label, _), points) in enumerate(lines.items()):
+            ax.plot(*zip(*sorted(points)), marker="osD^v<>"[index // 20 % 7], color=colors[index % 20], label=label)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="decode tokens/s", title="Decode speed vs batch")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         written.append(_save(fig, out / "speed_vs_batch.png"))
     points = [r for r in content["rows"] if r["decode_speedup"] is not None and r["weight_bytes"]]
     if points:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in points:
-            ax.scatter(r["weight_bytes"] / 1e9, r["decode_speedup"])
-            ax.annotate(f"{r['model']}: {r['method']}", (r["weight_bytes"] / 1e9, r["decode_speedup"]), fontsize=7)
-        ax.set(xlabel="weights (GB)", ylabel="decode speedup vs transformers", title="Speedup vs memory")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        unit, size = ("GB", 1e9) if max(r["weight_bytes"] for r in points) >= 1e9 else ("MB", 1e6)
+        annotate(ax, [(r["weight_bytes"] / size, r["decode_speedup"], r.get("label") or f"{r['model']}: "
+                       f"{r['method']}") for r in points])
+        ax.margins(x=0.15, y=0.1)
+        ax.set(xlabel=f"weights ({unit})", ylabel="decode speedup vs transformers", title="Speedup vs memory")
         written.append(_save(fig, out / "speedup_vs_memory.png"))
     evaluated = list({(r["model"], r["recipe"]): r for r in content["rows"] if r["average"] is not None}.values())
     if evaluated:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ties: dict[tuple, int] = {}
-        for r in evaluated:
-            x, y = r["dropped"]["blocks"] + r["dropped"]["moe_layers"], 100 * r["average"]
-            stacked = ties[(x, round(y, 3))] = ties.get((x, round(y, 3)), -1) + 1  # labels of tied points stack up
-            ax.scatter(x, y)
-            ax.annotate(f"{r['recipe']} ({r['dropped']['experts']} experts dropped)", (x, y),
-                        xytext=(4, -10 * stacked), textcoords="offset points", fontsize=7)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        annotate(ax, [(r["dropped"]["blocks"] + r["dropped"]["moe_layers"], 100 * r["average"],
+                       r.get("label") or f"{r['recipe']} ({r['dropped']['experts']} experts dropped)")
+                      for r in evaluated])
         ax.margins(x=0.3, y=0.15)
         ax.set(xlabel="dropped modules (blocks + MoE layers, from the moekern decisions)",
                ylabel="average accuracy (%)", title="Accuracy vs dropped modules")
         written.append(_save(fig, out / "accuracy_vs_dropped.png"))
     return written
+
+
+def annotate(ax, points: list[tuple[float, float, str]], log_y: bool = False) -> None:
+    """Scatter labelled points; each label takes the nearest line, above or below its point, that no earlier label
+    near it holds, so that labels of nearby points do not print over each other."""
+    import math
+
+    if not points:
+        return
+    ys = [math.log(y) if log_y and y > 0 else y for _, y, _ in points]
+    xs = [x for x, _, _ in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    line = 0.035  # one label line (10 points), roughly, as a fraction of the spread of y
+    taken: list[tuple[float, float]] = []  # label positions, normalised
+    for (x, y, label), ly in zip(points, ys):
+        nx, ny = (x - min(xs)) / span_x, (ly - min(ys)) / span_y
+        for shift in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5):
+            at = ny + shift * line
+            if all(abs(tx - nx) > 0.2 or abs(ty - at) > 0.9 * line for tx, ty in taken):
+                break
+        taken.append((nx, at))
+        ax.scatter(x, y)
+        ax.annotate(label, (x, y), xytext=(8, -3 + shift * 10), textcoords="offset points", fontsize=7,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if shift else None)
 
 
 def _save(fig, path: Path) -> Path:

@@ -14,6 +14,9 @@ from moekern.bench.presets import is_out_of_memory
 from moekern.model_info import peak_memory_bytes
 
 
+PREFILL_REPEATS = 3  # prefills timed per measurement; the median is kept
+
+
 class Timer:
     """Seconds of a block: CUDA events on a GPU (the queue is synchronised only at the end), perf_counter else."""
 
@@ -38,15 +41,21 @@ class Timer:
 
 
 @torch.no_grad()
-def prefill_and_decode(model, batch: int, context: int, decode_tokens: int, seed: int = 0) -> dict:
-    """One measurement: random prompt ids [batch, context], a prefill that fills the KV cache, then greedy decode
-    steps of one token per sequence. Returns the times and the cache size after prefill."""
+def prefill_and_decode(model, batch: int, context: int, decode_tokens: int, seed: int = 0,
+                       prefill_repeats: int = 1) -> dict:
+    """One measurement: random prompt ids [batch, context], a prefill that fills the KV cache (timed
+    `prefill_repeats` times, the median kept: one prefill is a single, noisy sample), then greedy decode steps of one
+    token per sequence from the last prefill's cache. Returns the times and the cache size after prefill."""
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
-    with Timer(device) as prefill:
-        out = model(input_ids=ids, use_cache=True)
+    prefills = []
+    for _ in range(prefill_repeats):
+        out = None  # the previous prefill's cache is freed first
+        with Timer(device) as prefill:
+            out = model(input_ids=ids, use_cache=True)
+        prefills.append(prefill.seconds)
     cache = out.past_key_values
     kv_bytes = cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
@@ -56,7 +65,8 @@ def prefill_and_decode(model, batch: int, context: int, decode_tokens: int, seed
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         steps.append(step.seconds)
-    return {"prefill_s": prefill.seconds, "decode_step_s": steps, "kv_cache_bytes": kv_bytes}
+    return {"prefill_s": statistics.median(prefills), "prefill_all_s": prefills, "decode_step_s": steps,
+            "kv_cache_bytes": kv_bytes}
 
 
 def warm_up(model, batch: int) -> None:
@@ -71,13 +81,14 @@ def measure_batch(model, batch: int, context: int, decode_tokens: int, bandwidth
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     warm_up(model, batch)
-    timing = prefill_and_decode(model, batch, context, decode_tokens)
+    timing = prefill_and_decode(model, batch, context, decode_tokens, prefill_repeats=PREFILL_REPEATS)
     step = statistics.median(timing["decode_step_s"])
     floor = decode_bytes(model, batch, timing["kv_cache_bytes"])
     floor_s = floor["floor_bytes"] / bandwidth
     return {
         "status": "ok", "batch": batch, "context": context, "decode_tokens": decode_tokens,
         "prefill_s": timing["prefill_s"], "prefill_tok_s": batch * context / timing["prefill_s"],
+        "prefill_all_s": timing["prefill_all_s"],
         "decode_step_median_s": step, "decode_tok_s": batch / step, "decode_step_s": timing["decode_step_s"],
         "peak_memory_bytes": peak_memory_bytes(device),
         **floor, "floor_step_s": floor_s, "times_floor": step / floor_s,

@@ -372,9 +372,15 @@ def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST",
 
 def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST", *, tokenizer=None,
                allow_fewer: bool = False, inplace: bool = False, samples: int | None = None,
-               seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None) -> CompressionResult:
+               seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None,
+               base_stats=None) -> CompressionResult:
     """compress(), returning the CompressionResult: what each step decided, the statistics measured before
-    trimming, and the sizes before and after (what moekern.compress.report writes)."""
+    trimming, and the sizes before and after (what moekern.compress.report writes).
+
+    base_stats: TrimStats the caller measured (moekern.compress.stats.measure) on this very model, unchanged, and
+    on the same calibration tensor; a trimming step that comes first uses them instead of measuring again if they
+    were measured as it would measure them (record_tokens, batch_size, device, seed). Exact: it saves one pass per
+    recipe when many recipes compress copies of one model (moekern paper)."""
     from moekern import surgery
     from moekern.compress.report import model_size
 
@@ -393,8 +399,11 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
         else:
             from moekern.compress.stats import measure
 
-            stats = measure(model, ids, batch_size=batch_size, device=device,
-                            record_tokens=isinstance(step, EnumPrune), seed=seed)
+            options = dict(batch_size=batch_size, device=device, record_tokens=isinstance(step, EnumPrune), seed=seed)
+            if not log and _measured_as(base_stats, ids, options):
+                stats = base_stats
+            else:
+                stats = measure(model, ids, **options)
             first_stats = first_stats or stats
             entry = _trim(model, step, stats, allow_fewer)
         log.append({"step": str(step), "kind": "slimming" if step.slimming else "trimming", **entry,
@@ -404,6 +413,14 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
     d["recipe_order"] = order
     shape = None if ids is None else tuple(ids.shape)
     return CompressionResult(model, recipe, order, log, first_stats, before, model_size(model), shape)
+
+
+def _measured_as(stats, ids, options: dict) -> bool:
+    """Whether `stats` were measured on the tensor `ids` with these options of measure (and its defaults)."""
+    from moekern.compress.stats import MAX_RATIOS, MAX_TOKENS
+
+    wanted = {**options, "max_tokens": MAX_TOKENS, "max_ratios": MAX_RATIOS}
+    return stats is not None and stats.calibration is ids and all(stats.options.get(k) == v for k, v in wanted.items())
 
 
 def _calibration(recipe, calibration, tokenizer, samples, seq_len, seed):

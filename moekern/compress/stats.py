@@ -18,6 +18,10 @@ x = Norm(x') the MoE's input and MoE(x) its output (shared experts included):
                     w2/w1), empty slots left out; a random sample of at most `max_ratios` per layer. Lu et al.'s beta.
   moe_inputs/outputs  x and MoE(x) on a random subset of at most `max_tokens` tokens per layer: enumeration pruning.
   alive             [E] bool: the experts still there.
+With block_tokens=N (off by default), also the block-wise similarity matrix (paper, Fig. 7):
+  block_matrix      [B+1, B+1] mean_t cos(h_a[t], h_b[t]) where h_0 is the first block's input and h_{i+1} block i's
+                    output (model order), over the same N evenly spaced calibration tokens for every block (all of
+                    them if there are at most N); its first off-diagonal is block_similarity on those tokens.
 
 The sums are accumulated in float64 over every calibration token; the subsets are uniform random samples (a random
 key per token, the smallest keys kept), reproducible through `seed`.
@@ -59,6 +63,8 @@ class TrimStats:
     # How the pass was made, so that an iterative method can measure the changed model the same way.
     calibration: torch.Tensor = field(repr=False)
     options: dict = field(default_factory=dict)
+    block_matrix: torch.Tensor | None = None  # float64 [B+1, B+1] (module doc); None unless measured with block_tokens
+    block_matrix_tokens: int = 0
 
     def moe_layers(self) -> list[int]:
         return [i for i, s in self.layers.items() if s.moe]
@@ -135,6 +141,32 @@ def weight_ratios(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return ratios[keep]
 
 
+class _BlockStates:
+    """Unit-norm hidden states of a fixed subset of the calibration tokens (evenly spaced over the flattened [n, L]
+    ids, the same tokens at every block), and the matrix of their mean cosines (Fig. 7)."""
+
+    def __init__(self, total_tokens: int, cap: int):
+        self.keep = torch.linspace(0, total_tokens - 1, min(cap, total_tokens)).round().long().unique()
+        self.rows: dict[int, list[torch.Tensor]] = {}
+
+    def add(self, position: int, offset: int, hidden: torch.Tensor) -> None:
+        """The kept tokens among those at flat indices offset.. of this batch, at position (0: the first block's
+        input, i+1: block i's output)."""
+        flat = hidden.detach().reshape(-1, hidden.shape[-1])
+        keep = self.keep[(self.keep >= offset) & (self.keep < offset + flat.shape[0])] - offset
+        rows = F.normalize(flat[keep.to(flat.device)].double(), dim=-1).float().cpu()
+        self.rows.setdefault(position, []).append(rows)
+
+    def matrix(self) -> tuple[torch.Tensor, int]:
+        states = [torch.cat(self.rows[p]) for p in sorted(self.rows)]
+        size = len(states)
+        out = torch.eye(size, dtype=torch.float64)
+        for a in range(size):
+            for b in range(a + 1, size):
+                out[a, b] = out[b, a] = (states[a].double() * states[b].double()).sum(-1).mean()
+        return out, states[0].shape[0] if states else 0
+
+
 def _cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.double().flatten(0, -2), b.double().flatten(0, -2), dim=-1).sum())
 
@@ -147,8 +179,9 @@ class _LayerRecorder:
     """The hooks on one decoder layer and what they accumulate."""
 
     def __init__(self, layer, original: int, model, record_tokens: bool, max_tokens: int, max_ratios: int,
-                 seed: int):
+                 seed: int, position: int = 0, block_states: _BlockStates | None = None):
         self.original, self.layer = original, layer
+        self.position, self.block_states = position, block_states
         self.family = family_of(model)
         self.spec = self.family.router_spec(model.config)
         self.num_original = decisions(model)["original_num_experts"]
@@ -179,9 +212,13 @@ class _LayerRecorder:
 
     def _block_in(self, module, args, kwargs):
         self.block_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.block_states is not None and self.position == 0:
+            self.block_states.add(0, self.tokens, self.block_input)
 
     def _block_out(self, module, args, output):
         y = _first(output)
+        if self.block_states is not None:
+            self.block_states.add(self.position + 1, self.tokens, y)
         self.block_sum += _cosine_sum(self.block_input, y)
         self.tokens += y.shape[:-1].numel()
         self.block_input = None
@@ -228,25 +265,33 @@ def measure(
     max_tokens: int = MAX_TOKENS,
     max_ratios: int = MAX_RATIOS,
     seed: int = 0,
+    block_tokens: int = 0,
 ) -> TrimStats:
     """One pass of `calibration` (LongTensor [n, L]) through the model, one decoder layer at a time (stream_layers,
     on `device`), recording the statistics of the module doc. record_tokens=False skips the MoE input/output samples
-    (iterative Layer/Block Drop only need the similarities)."""
+    (iterative Layer/Block Drop only need the similarities). block_tokens=N > 0 also records the block-wise
+    similarity matrix on N calibration tokens (module doc); it changes none of the other statistics, and is not part
+    of `options` (remeasure does not record it again)."""
     options = dict(batch_size=batch_size, device=device, record_tokens=record_tokens, max_tokens=max_tokens,
                    max_ratios=max_ratios, seed=seed)
     originals = original_layer_ids(model)
     recorders: list[_LayerRecorder] = []
+    states = _BlockStates(calibration.numel(), block_tokens) if block_tokens > 0 else None
     try:
         # stream_layers runs a layer once after the loop body has seen it (to feed the next layer): the hooks stay
         # on until then, so each layer runs once per batch.
         for index, layer, _run in stream_layers(model, calibration, batch_size=batch_size, device=device):
             if recorders:
                 recorders[-1].remove()
-            recorder = _LayerRecorder(layer, originals[index], model, record_tokens, max_tokens, max_ratios, seed)
+            recorder = _LayerRecorder(layer, originals[index], model, record_tokens, max_tokens, max_ratios, seed,
+                                      index, states)
             recorders.append(recorder)
     finally:
         if recorders:
             recorders[-1].remove()
     layers = {r.original: r.result() for r in recorders}
     tokens = recorders[0].tokens if recorders else 0
-    return TrimStats(layers, tokens, calibration, options)
+    stats = TrimStats(layers, tokens, calibration, options)
+    if states is not None:
+        stats.block_matrix, stats.block_matrix_tokens = states.matrix()
+    return stats
