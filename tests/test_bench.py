@@ -128,12 +128,13 @@ def test_weight_bytes_count_the_4bit_buffers(shipped):
     import copy
 
     import moekern
-    from moekern.bench.bandwidth import decode_bytes, expert_bytes_by_layer, stored_bytes
+    from moekern.bench.bandwidth import decode_bytes, expert_bytes_by_layer
+    from moekern.model_info import describe
 
     model = moekern.compress(copy.deepcopy(shipped[0]), "rtn4")
     buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "qweight" in n)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert buffers > 0 and stored_bytes(model) >= params + buffers
+    assert buffers > 0 and describe(model)["weight_bytes"] >= params + buffers
     floor = decode_bytes(model, batch=64, kv_cache_bytes=0)  # batch 64, top-2 of 8: every expert is read
-    assert floor["non_expert_bytes"] + sum(b for _, b in expert_bytes_by_layer(model)) == stored_bytes(model)
+    assert floor["non_expert_bytes"] + sum(b for _, b in expert_bytes_by_layer(model)) == describe(model)["weight_bytes"]
     assert floor["selected_expert_bytes"] == pytest.approx(sum(b for _, b in expert_bytes_by_layer(model)), rel=1e-3)

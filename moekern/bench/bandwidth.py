@@ -44,15 +44,6 @@ def expert_bytes_by_layer(model) -> list[tuple[int, int]]:
     return found
 
 
-def stored_bytes(model) -> int:
-    """Bytes of everything a model stores: its parameters and its persistent buffers. moekern's 4-bit modules keep
-    their packed weights, scales and zeros as buffers, which model_info.describe's weight_bytes (parameters only)
-    does not see."""
-    persistent = set(model.state_dict(keep_vars=True))
-    buffers = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name in persistent)
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + buffers
-
-
 def expected_distinct_experts(experts: int, top_k: int, tokens: int) -> float:
     """Expected number of distinct experts chosen by `tokens` tokens with top-k routing spread uniformly: each expert
     is missed by one token with probability 1 - k/E."""
@@ -65,10 +56,11 @@ def decode_bytes(model, batch: int, kv_cache_bytes: int) -> dict:
     selects (ESTIMATED from top_k and the batch size, as if routing were uniform), and the whole KV cache."""
     from moekern.model_info import describe
 
+    facts = describe(model)
     by_layer = expert_bytes_by_layer(model)
-    top_k = describe(model)["top_k"] or 1
+    top_k = facts["top_k"] or 1
     selected = sum(b / n * expected_distinct_experts(n, top_k, batch) for n, b in by_layer if n)
-    non_expert = stored_bytes(model) - sum(b for _, b in by_layer)
+    non_expert = facts["weight_bytes"] - sum(b for _, b in by_layer)
     return {"non_expert_bytes": non_expert, "selected_expert_bytes": int(selected), "kv_cache_bytes": kv_cache_bytes,
             "floor_bytes": int(non_expert + selected + kv_cache_bytes),
             "selected_experts": "estimated (uniform routing, top_k and batch size)"}

@@ -141,16 +141,6 @@ def _environment(device: str) -> dict:
     return {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def model_facts(model) -> dict:
-    """model_info.describe, with weight_bytes counting the persistent buffers too (4-bit weights are buffers)."""
-    from moekern.bench.bandwidth import stored_bytes
-    from moekern.model_info import describe
-
-    facts = describe(model)
-    facts["parameter_bytes"], facts["weight_bytes"] = facts["weight_bytes"], stored_bytes(model)
-    return facts
-
-
 def run_bench(args) -> int:
     from moekern.bench import variants
     from moekern.bench.bandwidth import copy_bandwidth
@@ -158,6 +148,7 @@ def run_bench(args) -> int:
     from moekern.bench.presets import is_out_of_memory
     from moekern.bench.records import RecordWriter
     from moekern.bench.speed import measure_batches
+    from moekern.model_info import describe
     from moekern.model_info import human_bytes
 
     variants.parse_recipe(args.recipe)
@@ -178,7 +169,7 @@ def run_bench(args) -> int:
         print(f"  note: {note}")
 
     def measure(variant: str, recipe: str) -> None:
-        facts = model_facts(model)
+        facts = describe(model)
         try:
             flops = forward_flops(model, args.context)
         except (MemoryError, RuntimeError) as exc:
@@ -215,6 +206,7 @@ def run_eval(args) -> int:
     from moekern.bench import variants
     from moekern.bench.records import RecordWriter
     from moekern.eval.harness import check_tasks, evaluate
+    from moekern.model_info import describe
 
     check_tasks(args.tasks)
     if args.data_dir is not None and not args.data_dir.is_dir():
@@ -231,7 +223,7 @@ def run_eval(args) -> int:
                  tasks=args.tasks, limit=args.limit, recipe=recipe, **_environment(args.device))
     writer.write("model", variant=variants.variant_name(args.recipe) if args.recipe else "checkpoint",
                  recipe=recipe, model=str(args.model), decisions=getattr(model.config, "moekern", None),
-                 **model_facts(model))
+                 **describe(model))
     started = time.perf_counter()
     for result in evaluate(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.data_dir,
                            batch_size=args.batch_size):

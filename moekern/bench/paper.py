@@ -314,7 +314,7 @@ class Paper:
 
     # ------------------------------------------------------------------------------------------------------------
     def _measure_row(self, index: int, label: str, text, model, info: dict, started: float | None = None) -> None:
-        from moekern.bench.cli import model_facts
+        from moekern.model_info import describe
         from moekern.bench.flops import forward_flops
         from moekern.bench.presets import is_out_of_memory
         from moekern.bench.speed import measure_batches
@@ -338,8 +338,8 @@ class Paper:
             self.writer.write("model", **base, recipe_text=text, flops=flops, flops_tokens=args.context,
                               decisions=getattr(model.config, "moekern", None), size=model_size(model),
                               steps=info.get("steps"), reused=info.get("reused"),
-                              compress_seconds=info.get("compress_seconds"), **model_facts(model))
-            print(f"[{index}] {label}: {human_bytes(model_facts(model)['weight_bytes'])} weights"
+                              compress_seconds=info.get("compress_seconds"), **describe(model))
+            print(f"[{index}] {label}: {human_bytes(describe(model)['weight_bytes'])} weights"
                   + (f", compressed in {info['compress_seconds']:.1f} s" if info.get("compress_seconds") else "")
                   + (f" (reusing {'; '.join(info['reused'])})" if info.get("reused") else ""), flush=True)
             stage = "speed"

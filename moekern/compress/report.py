@@ -21,24 +21,16 @@ SIMILARITY_PNG, DROPPED_PNG, BLOCK_MATRIX_PNG = "similarity.png", "dropped.png",
 
 
 def model_size(model) -> dict:
-    """Parameters (tied ones once; a packed 4-bit weight counts as the weights it holds, so quantization does not
-    change the count), routed-expert parameters, and the bytes of the state dict (packed 4-bit weights and their
-    scales included, each storage once): the memory figure."""
+    """model_info.describe's parameters (a packed 4-bit weight counts as the weights it holds) and weight bytes (the
+    state dict, packed weights and scales included: the memory figure), with the layer counts a trimming report needs."""
     from moekern import surgery
+    from moekern.model_info import describe
 
-    weights = dict(model.named_parameters())
-    packed = {n: b for n, b in model.named_buffers() if n.endswith("qweight")}  # moekern.quant's 4-bit layout
-    if packed:
-        from moekern.quant.layout import PACK  # 4-bit values per stored int32
-
-        weights.update(packed)
-    count = {n: t.numel() * (PACK if n in packed else 1) for n, t in weights.items()}
-    unique = {t.data_ptr(): n for n, t in weights.items()}
-    state = {t.data_ptr(): t for t in model.state_dict().values()}
+    facts = describe(model)
     return {
-        "parameters": sum(count[n] for n in unique.values()),
-        "expert_parameters": sum(c for n, c in count.items() if ".experts." in n),
-        "state_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "parameters": facts["parameters"],
+        "expert_parameters": facts["expert_parameters"],
+        "state_bytes": facts["weight_bytes"],
         "decoder_layers": len(surgery.decoder_layers(model)),
         "moe_layers": len(surgery.moe_layer_ids(model)),
     }
