@@ -3,7 +3,11 @@
 `load_pretrained` is the one door through which the CLI and the library open a Hugging Face checkpoint.
 """
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,30 +90,15 @@ def load_pretrained(
 WEIGHTS = "model.safetensors"
 
 
-def save(model, path: str | Path, tokenizer=None) -> Path:
-    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
-    safetensors with the in-memory names, and the tokenizer if given. Everything is written to a temporary folder
-    beside `path` and renamed at the end, so an interrupted save leaves nothing half-written. An existing `path` is
-    replaced only after the new one is complete."""
-    import os
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_model
-
-    from moekern.surgery import decisions
-
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a temporary folder beside `path`; when the block ends without error it becomes `path` (an existing one is
+    replaced only then), otherwise it is removed. An interrupted save leaves nothing half-written."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        config_for_disk(model).save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
@@ -120,7 +109,24 @@ def save(model, path: str | Path, tokenizer=None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return path
+
+
+def save(model, path: str | Path, tokenizer=None) -> Path:
+    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
+    safetensors with the in-memory names, and the tokenizer if given, all through atomic_folder."""
+    from safetensors.torch import save_model
+
+    from moekern.surgery import decisions
+
+    decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
+    with atomic_folder(path) as tmp:
+        config_for_disk(model).save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path).expanduser()
 
 
 def config_for_disk(model):

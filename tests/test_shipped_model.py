@@ -43,3 +43,15 @@ def test_patched_shipped_model_equals_transformers(shipped):
         finally:
             unpatch(model)
     assert rel_err(got, expected) <= 1e-5
+
+
+def test_training_script_runs_and_learns(tmp_path):
+    """python -m moekern.shipped.train, on a 20-second budget: it trains, saves a model transformers loads, and the
+    model already beats a uniform guess over the vocabulary on the held-out text."""
+    from moekern.shipped import train
+
+    train.main(["--out", str(tmp_path), "--minutes", "0.35", "--reserve-seconds", "12", "--experts-impls", "eager"])
+    record = json.loads((tmp_path / "TRAINING.json").read_text())
+    vocab = record["config"]["vocab_size"]
+    assert record["steps"] > 0 and record["heldout_perplexity"] < vocab
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.vocab_size == vocab

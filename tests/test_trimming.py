@@ -207,7 +207,6 @@ def test_expert_drop_on_a_model_follows_the_measured_scores():
     model = tiny_model("mixtral")
     ids = calibration()
     stats = measure(model, ids)
-    seen = captured_forward(model, ids)
     kept = expert_drop(model, stats, 2, mode="layerwise")
     for index, layer in enumerate(surgery.decoder_layers(model)):
         order = stats.layers[index].expert_scores.argsort(descending=True)[:4].sort().values.tolist()

@@ -29,9 +29,6 @@ whose experts are not stored one linear per expert (GPT-OSS). The loaded model r
 """
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -515,27 +512,16 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
             "checkpoint_format": checkpoint_format, "modules_in_block_to_quantize": [in_block],
         }
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    from moekern.checkpoint import atomic_folder
+
+    with atomic_folder(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         _write_shards(out, tmp, max_shard_bytes, save_file)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+    return Path(path).expanduser()
 
 
 def _write_shards(tensors: dict, folder: Path, max_shard_bytes: int | None, save_file) -> None:

@@ -29,7 +29,6 @@ import ast
 import hashlib
 import json
 import math
-import os
 import platform
 import random
 import re
@@ -446,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(torch.bfloat16)
     model.config.output_router_logits = False  # the aux loss is for training; inference does not need the logits
     model.config.dtype = torch.bfloat16
-        model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
     # Evaluate the saved (bf16) weights in fp32, as users will load them.
