@@ -26,6 +26,20 @@ def logits_under(monkeypatch, model, ids, backend):
     return out.logits, step.logits
 
 
+def assert_triton_equals_reference(monkeypatch, model, ids):
+    """Prefill and one cached decode step: the Triton backend (which must really be taken) gives the reference's
+    logits."""
+    calls = []
+    real = experts_module._triton_kernels
+    monkeypatch.setattr(experts_module, "_triton_kernels", lambda d: calls.append(d) or real(d))
+    expected = logits_under(monkeypatch, model, ids, "reference")
+    assert not calls
+    got = logits_under(monkeypatch, model, ids, "triton")
+    assert calls, "the Triton path was not taken"
+    for g, e in zip(got, expected, strict=True):
+        assert rel_err(g, e) <= FP32_BOUND
+
+
 @pytest.mark.parametrize("family,compress", [("mixtral", True), ("gpt_oss", False), ("deepseek_v3", True)])
 def test_patched_model_triton_equals_reference(monkeypatch, family, compress):
     model = tiny_model(family)
@@ -36,15 +50,7 @@ def test_patched_model_triton_equals_reference(monkeypatch, family, compress):
         surgery.drop_experts(model, {layers[0]: list(range(first.num_original_experts - 3))})
         surgery.set_skip_beta(model, {layer: 0.5 for layer in layers})
     ids = torch.randint(3, 97, (2, 7))
-    calls = []
-    real = experts_module._triton_kernels
-    monkeypatch.setattr(experts_module, "_triton_kernels", lambda d: calls.append(d) or real(d))
-    expected = logits_under(monkeypatch, model, ids, "reference")
-    assert not calls
-    got = logits_under(monkeypatch, model, ids, "triton")
-    assert calls, "the Triton path was not taken"
-    for g, e in zip(got, expected, strict=True):
-        assert rel_err(g, e) <= FP32_BOUND
+    assert_triton_equals_reference(monkeypatch, model, ids)
 
 
 @pytest.mark.parametrize("family,method,overrides", [
@@ -66,15 +72,7 @@ def test_4bit_model_triton_equals_reference(monkeypatch, family, method, overrid
     if method == "awq":
         assert all(hasattr(m, "gate_up_proj_input_scale") for m in quantized)
     ids = torch.randint(3, 97, (2, 6))
-    calls = []
-    real = experts_module._triton_kernels
-    monkeypatch.setattr(experts_module, "_triton_kernels", lambda d: calls.append(d) or real(d))
-    expected = logits_under(monkeypatch, model, ids, "reference")
-    assert not calls
-    got = logits_under(monkeypatch, model, ids, "triton")
-    assert calls, "the Triton path was not taken"
-    for g, e in zip(got, expected, strict=True):
-        assert rel_err(g, e) <= FP32_BOUND
+    assert_triton_equals_reference(monkeypatch, model, ids)
 
 
 def test_4bit_group_the_kernels_cannot_read(monkeypatch):

@@ -144,8 +144,7 @@ def _environment(device: str) -> dict:
 def run_bench(args) -> int:
     from moekern.bench import variants
     from moekern.bench.bandwidth import copy_bandwidth
-    from moekern.bench.flops import forward_flops
-    from moekern.bench.presets import is_out_of_memory
+    from moekern.bench.flops import forward_flops_if_it_fits
     from moekern.bench.records import RecordWriter
     from moekern.bench.speed import measure_batches
     from moekern.model_info import describe
@@ -170,12 +169,7 @@ def run_bench(args) -> int:
 
     def measure(variant: str, recipe: str) -> None:
         facts = describe(model)
-        try:
-            flops = forward_flops(model, args.context)
-        except (MemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            flops = None
+        flops = forward_flops_if_it_fits(model, args.context)
         writer.write("model", variant=variant, recipe=recipe, model=str(args.model), flops=flops,
                      flops_tokens=args.context, decisions=getattr(model.config, "moekern", None), **facts)
         print(f"{variant}: {human_bytes(facts['weight_bytes'])} weights, "

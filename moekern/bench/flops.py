@@ -22,6 +22,18 @@ def forward_flops(model, tokens: int, batch: int = 1) -> int:
     return int(counter.get_total_flops())
 
 
+def forward_flops_if_it_fits(model, tokens: int) -> int | None:
+    """forward_flops, or None where that forward does not fit in memory (the caller records None and goes on)."""
+    from moekern.bench.presets import is_out_of_memory
+
+    try:
+        return forward_flops(model, tokens)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return None
+
+
 @contextlib.contextmanager
 def _countable_experts(model):
     current = model.config._experts_implementation

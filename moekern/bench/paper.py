@@ -315,8 +315,7 @@ class Paper:
     # ------------------------------------------------------------------------------------------------------------
     def _measure_row(self, index: int, label: str, text, model, info: dict, started: float | None = None) -> None:
         from moekern.model_info import describe
-        from moekern.bench.flops import forward_flops
-        from moekern.bench.presets import is_out_of_memory
+        from moekern.bench.flops import forward_flops_if_it_fits
         from moekern.bench.speed import measure_batches
         from moekern.compress.report import model_size
         from moekern.eval.harness import HELDOUT_PPL, evaluate
@@ -329,12 +328,7 @@ class Paper:
         stage = "measure"
         try:
             stage = "flops"
-            try:
-                flops = forward_flops(model, args.context)
-            except (MemoryError, RuntimeError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                flops = None
+            flops = forward_flops_if_it_fits(model, args.context)
             self.writer.write("model", **base, recipe_text=text, flops=flops, flops_tokens=args.context,
                               decisions=getattr(model.config, "moekern", None), size=model_size(model),
                               steps=info.get("steps"), reused=info.get("reused"),
