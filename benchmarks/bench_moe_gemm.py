@@ -42,8 +42,19 @@ sys.path.insert(0, str(ROOT))
 
 from moekern.ops import moe_gemm  # noqa: E402
 from moekern.ops import reference as R  # noqa: E402
+import triton  # noqa: E402  (after TRITON_INTERPRET is decided)
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 # The two ceilings of the floor (METHOD.md): datasheet leads for an H200 until measured on the device (a large
 # device-to-device copy, a large bf16 matmul); --peak-gbps / --peak-tflops override them.
 PEAK_GBPS, PEAK_TFLOPS = 4800.0, 989.0
@@ -249,6 +260,13 @@ def main(argv=None):
     shapes = MODELS
     if args.smoke or device.type != "cuda":
         shapes, args.models, args.tokens, args.check = SMOKE, ["smoke"], [t for t in args.tokens if t <= 16], True
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timed": device.type == "cuda", "peak_gbps": PEAK_GBPS, "peak_tflops": PEAK_TFLOPS}
+    out = args.out
+    if out is None and device.type == "cuda":
+        out = RESULTS / "moe_gemm_cuda.json"
     rows = []
     for case in cases(args.models, args.tokens, args.dropped, args.skipped, args.backends):
         row = run_case(shapes[case.model], case, device, dtype, args.check, args.graphs)
@@ -262,15 +280,10 @@ def main(argv=None):
             err += " graph: no capture"
         print(f"{case.model:18s} T={case.tokens:5d} drop={case.dropped:.2f} skip={case.skipped:.1f} "
               f"{case.backend:10s} {t}{err}", flush=True)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "timed": device.type == "cuda", "peak_gbps": PEAK_GBPS, "peak_tflops": PEAK_TFLOPS}
-    out = args.out
-    if out is None and device.type == "cuda":
-        out = RESULTS / "moe_gemm_cuda.json"
+        if out is not None:  # after every case, so a run cut short keeps what it measured
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if out is not None:  # a CPU smoke run writes only where asked: it has no figures to record
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {out}")
     return rows
 
