@@ -107,3 +107,24 @@ def test_awq_on_an_expert_folds_its_scales_exactly(act):
     assert awq_error < rtn_error
     assert ("down_proj_input_scale" in awq_tensors) == (act != "silu")
     assert "gate_up_proj_input_scale" in awq_tensors
+
+
+def test_gptq_on_an_expert_weights_tokens_by_their_routing_weight():
+    """A routed expert's error reaches the model times the token's routing weight, so GPTQ's Hessian is
+    sum_t r_t^2 x_t x_t^T: tokens of weight 0 count for nothing (the same weights as without them), and the others
+    change the result."""
+    from moekern.ops.reference import Activation
+    from moekern.quant.ffn import quantize_ffn
+
+    hidden, inter, kept, ignored = 32, 16, 40, 24
+    x = torch.randn(kept + ignored, hidden)
+    x[kept:] *= 5  # loud tokens the router barely sent here
+    w_gu, w_d = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
+    r = torch.cat([torch.ones(kept), torch.zeros(ignored)])
+    args = (w_gu, w_d, None, None, Activation("silu"), "gptq", 16)
+    weighted, _, _ = quantize_ffn(x, *args, token_weights=r)
+    only_kept, _, _ = quantize_ffn(x[:kept], *args)
+    unweighted, _, _ = quantize_ffn(x, *args)
+    for name in ("gate_up_proj_qweight", "down_proj_qweight"):
+        assert torch.equal(weighted[name], only_kept[name])
+    assert not all(torch.equal(weighted[n], unweighted[n]) for n in ("gate_up_proj_qweight", "down_proj_qweight"))

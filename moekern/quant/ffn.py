@@ -13,6 +13,9 @@ AWQ, where the scales go (AutoAWQ folds a scale into the op before the linear wh
   - any other linear (o_proj, shared-expert gate/up): an input scale.
 An input scale is stored as 1 / s in the activation dtype: y = (x * input_scale) @ Q(W s)^T.
 
+GPTQ on a routed expert weights each calibration token by its routing weight too: H = sum_t r_t^2 x_t x_t^T, the
+curvature of the error as it reaches the layer's output (a token the router barely sent here counts little).
+
 AWQ on a routed expert minimises the expert's output error weighted by the tokens' routing weights (awq.py), in
 three steps each of which has plain RTN (or no clipping) among its candidates: down's scale, gate_up's scale (judged
 by the expert's output), then clipping, kept for gate_up and for down only where it lowers the expert's weighted
@@ -30,10 +33,11 @@ from moekern.quant.hessian import hessian
 from moekern.quant.rtn import dequantize_codes, pack, rtn
 
 
-def _quantize(w, x, method, group_size, act_order, dtype):
-    """(q, scales, zeros) of w [N, K] by RTN or GPTQ (x: the inputs, for GPTQ's Hessian)."""
+def _quantize(w, x, method, group_size, act_order, dtype, r=None):
+    """(q, scales, zeros) of w [N, K] by RTN or GPTQ (x: the inputs, for GPTQ's Hessian; r [T]: each row's routing
+    weight, so H = sum_t r_t^2 x_t x_t^T is the curvature of the error as it reaches the layer's output)."""
     if method == "gptq":
-        return gptq(w, hessian(x), group_size, act_order, dtype=dtype)[:3]
+        return gptq(w, hessian(x if r is None else x * r[:, None]), group_size, act_order, dtype=dtype)[:3]
     return rtn(w, group_size, dtype)
 
 
@@ -62,10 +66,10 @@ def quantize_ffn(x, w_gate_up, w_down, b_gate_up, b_down, act: Activation, metho
     if method == "awq":
         out = _awq_ffn(x, w_gu, w_d, b_gu, b_d, act, group_size, dtype, r)
     else:
-        q_gu = _quantize(w_gu, x, method, group_size, act_order, dtype)
+        q_gu = _quantize(w_gu, x, method, group_size, act_order, dtype, r)
         if method == "gptq":  # down is calibrated on what the quantized gate_up really produces
             a_q = gated_activation(_linear(x, _effective(q_gu, None), b_gu), act)
-            q_d = _quantize(w_d, a_q, method, group_size, act_order, dtype)
+            q_d = _quantize(w_d, a_q, method, group_size, act_order, dtype, r)
         else:
             q_d = rtn(w_d, group_size, dtype)
         out = {**_packed("gate_up_proj", q_gu), **_packed("down_proj", q_d)}
