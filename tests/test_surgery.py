@@ -176,3 +176,32 @@ def test_moe_block_buffers_of_a_meta_skeleton_stay_on_the_cpu():
     model = tiny_model("mixtral").to("meta")
     block = surgery.moe_block(model, 0)
     assert {t.device.type for t in (block.alive, block.kept_experts, block.expert_row)} == {"cpu"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_router_logits_and_aux_loss_are_recorded_through_moe_blocks(family):
+    """output_router_logits (the load-balancing loss of fine-tuning) sees moekern's blocks as it sees HF's: the same
+    logits and loss while nothing is dropped; after Expert Drop, the original expert count with -inf for a dropped
+    expert, and a finite loss whose gradient is finite."""
+    model = tiny_model(family)
+    model.config.router_aux_loss_coef = 0.1
+    ids = torch.randint(3, 97, (2, 7))
+    expected = model(ids, labels=ids, output_router_logits=True)
+    layers = surgery.moe_layer_ids(model)
+    for layer in layers:
+        surgery.moe_block(model, layer)  # swapped in, routing unchanged
+    got = model(ids, labels=ids, output_router_logits=True)
+    assert len(got.router_logits) == len(expected.router_logits) == len(layers)
+    for g, e in zip(got.router_logits, expected.router_logits, strict=True):
+        assert rel_err(g, e) <= 1e-5
+    assert torch.allclose(got.aux_loss, expected.aux_loss, rtol=1e-5)
+
+    surgery.drop_experts(model, {layers[0]: [0, 2, 3]})
+    out = model(ids, labels=ids, output_router_logits=True)
+    first = out.router_logits[0]
+    assert first.shape == expected.router_logits[0].shape
+    dropped = [e for e in range(first.shape[1]) if e not in (0, 2, 3)]
+    assert torch.isinf(first[:, dropped]).all() and torch.isfinite(first[:, [0, 2, 3]]).all()
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(out.aux_loss) and grads and all(torch.isfinite(g).all() for g in grads)

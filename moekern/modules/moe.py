@@ -60,6 +60,7 @@ class MoEBlock(nn.Module):
             logits = full.index_copy_(1, self.kept_experts, logits)
             if bias is not None:
                 bias = bias.new_zeros(self.num_original_experts).index_copy_(0, self.kept_experts, bias)
+        _record_router_logits(logits)
         weights, ids = route(logits, self.spec, self.alive, bias, self.skip_beta)
         rows = self.expert_row[ids.clamp(min=0)].masked_fill(ids == NO_EXPERT, NO_EXPERT)
         out = experts_forward(self.experts, x, rows, weights)
@@ -73,6 +74,22 @@ class MoEBlock(nn.Module):
         kept = f"{self.kept_experts.numel()}/{self.num_original_experts} experts stored"
         masked = int((~self.alive).sum())
         return f"{self.family.name}, {kept}, {masked} masked, skip_beta={self.skip_beta}"
+
+
+def _record_router_logits(logits: torch.Tensor) -> None:
+    """Give transformers' output recorder this layer's router logits (output_router_logits=True, and the auxiliary
+    load-balancing loss of fine-tuning), as the HF router's hook would: in the original expert space, a dropped
+    expert at -inf (softmax 0), so every layer's logits have the config's expert count. The recorder hooks the HF
+    router module, which MoEBlock does not call, so the logits are handed to its collector (transformers 5)."""
+    collected = _active_collector.get() if _active_collector is not None else None
+    if collected is not None and "router_logits" in collected:
+        collected["router_logits"].append(logits)
+
+
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # another transformers layout: router logits are then not recorded for moekern's blocks
+    _active_collector = None
 
 
 class RemovedMoE(nn.Module):
