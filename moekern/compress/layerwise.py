@@ -17,37 +17,8 @@ import torch
 from moekern.surgery import decoder_layers
 
 
-class _FirstLayerReached(Exception):
-    pass
-
-
 class _LastLayerReached(Exception):
     pass
-
-
-def first_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
-    """Run the model up to its first decoder layer on each batch: (hidden states, layer kwargs) per batch. Only the
-    first layer's kwargs: for the kwargs of every layer (per-layer attention masks), see layer_inputs."""
-    layer0 = decoder_layers(model)[0]
-    captured = []
-
-    def grab(module, args, kwargs):
-        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
-        captured.append((hidden.detach(), kwargs))
-        raise _FirstLayerReached
-
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
-    device = model.get_input_embeddings().weight.device
-    try:
-        with torch.no_grad():
-            for start in range(0, input_ids.shape[0], batch_size):
-                try:
-                    model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
-                except _FirstLayerReached:
-                    pass
-    finally:
-        handle.remove()
-    return captured
 
 
 def layer_inputs(model, input_ids: torch.Tensor, batch_size: int):

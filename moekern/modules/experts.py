@@ -78,8 +78,10 @@ def _use_4bit_kernels(experts: QuantizedExperts, device: torch.device) -> bool:
     of 8 that is not a power of two) run the dequantizing reference; forcing the kernels on them is an error."""
     if _backend(device) != "triton":
         return False
+    from moekern.ops.tuning import group_size_supported  # launch rules only: no kernel is decorated by this import
+
     group = experts.group_size
-    if group >= 16 and group & (group - 1) == 0:
+    if group_size_supported(group):
         return True
     if os.environ.get("MOEKERN_BACKEND", "auto").lower() == "triton":
         raise ValueError(f"MOEKERN_BACKEND=triton: the 4-bit kernels need a power-of-two group size of at least 16, "

@@ -245,7 +245,7 @@ def _weight_args(w):
         if s.stride() != z.stride():
             s = s.contiguous()
         group = w.group_size
-        if group < 16 or group & (group - 1):  # a K step lies in one group, and tl.dot needs K steps of 16 or more
+        if not tuning.group_size_supported(group):
             raise ValueError(f"the 4-bit kernels need a power-of-two group size of at least 16, not {group}")
         return (q, s, z, q.stride(0), q.stride(2), q.stride(1), s.stride(0), s.stride(1), s.stride(2), True, group)
     return (w, w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, 0, False, 1)

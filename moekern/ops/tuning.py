@@ -34,6 +34,12 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 2048)
 NUM_SMS = 132  # H100/H200; only sizes the split-K choice
 
 
+def group_size_supported(group: int) -> bool:
+    """The 4-bit kernels read one scale row per K step and tl.dot needs K steps of 16 or more: power-of-two groups
+    of at least 16 (16, 32, 64, 128...)."""
+    return group >= 16 and group & (group - 1) == 0
+
+
 def block_m(num_tokens: int, top_k: int, num_experts: int) -> int:
     """Rows per block of the work lists: about the pairs an expert gets, between 1 and 64, a power of two."""
     per_expert = max(1, num_tokens * top_k // max(1, num_experts))
