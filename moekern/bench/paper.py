@@ -88,7 +88,7 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--samples", type=positive_int, default=None, help="calibration blocks (default: see above)")
     paper.add_argument("--seq-len", type=positive_int, default=None, help="tokens per calibration block")
     paper.add_argument("--seed", type=int, default=0, help="seed of the choice of calibration blocks (default: 0)")
-    paper.add_argument("--order", choices=("ST", "TS"), default="ST",
+    paper.add_argument("--order", type=str.upper, choices=("ST", "TS"), default="ST",
                        help="ST: slimming then trimming (default, as in the paper); TS: trimming first")
     paper.add_argument("--allow-fewer-experts", action="store_true",
                        help="let Expert Drop leave fewer experts than top_k in a layer")
@@ -99,7 +99,7 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed")
     paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
     add_loading_args(paper)
-    paper.set_defaults(run=run_paper, dtype=None)
+    paper.set_defaults(run=run_paper, dtype=None, writes="runs")
     next(a for a in paper._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
         "float32 on the CPU)"
 
@@ -147,6 +147,10 @@ class Paper:
         args.decode_tokens = args.decode_tokens or speed["decode_tokens"]
         args.samples = args.samples or calib["samples"]
         args.seq_len = args.seq_len or calib["seq_len"]
+        from moekern.arguments import check_positions
+
+        check_positions(model.config, args.context + args.decode_tokens, "--context + --decode-tokens")
+        check_positions(model.config, args.seq_len, "--seq-len")
         self.model_name, self.tokenizer = str(args.model), tokenizer
 
         self.writer = RecordWriter(args.out, RECORDS)
