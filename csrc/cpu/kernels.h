@@ -1,0 +1,105 @@
+// The contract between the torch binding (ops.cpp) and the ISA variants of the CPU kernels (isa_*.cpp, each one
+// build of kernels_impl.h). Plain C++ on raw pointers: no torch header reaches the variants, so no inline function
+// compiled for AVX-512 can be shared (by the linker) with the portable build.
+#pragma once
+#include <cstdint>
+
+namespace moekern_cpu {
+
+// The repacked 4-bit weight (built once at load time by ops.cpp from moekern's layout, never saved).
+// W [E, N, K] is cut into tiles of TILE_N output rows; a tile is K / 8 steps of 64 bytes: step s, lane n (0..15),
+// byte i (0..3) holds q[n, 8s + i] in its low nibble and q[n, 8s + 4 + i] in its high nibble. So one 64-byte load
+// gives, per 32-bit lane (output row), 4 consecutive k in the low nibbles and the next 4 in the high nibbles: the
+// operand of one vpdpbusd each, after a mask or a shift and a mask.
+constexpr int TILE_N = 16;
+constexpr int STEP_K = 8;
+constexpr int STEP_BYTES = 64;
+
+struct Q4Weight {
+  const uint8_t* q;       // [E, tiles, K / 8, 64]
+  const float* scales;    // [E, tiles, K / G, 16]   (0 in padded rows)
+  const uint8_t* zeros;   // [E, tiles, K / G, 16]
+  int64_t n, k, group, tiles;
+};
+
+struct DenseWeight {      // W [E, N, K] with unit stride along K
+  const void* w;
+  int64_t stride_e, stride_n, n, k;
+  int dtype;              // DT_F32 or DT_BF16
+};
+
+enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+// How activations meet the 4-bit weights (the inner product):
+//   INT8: activations quantized to int8 per block of 32 inputs (16 or 8 for smaller groups) (symmetric, scale d = max|x| / 127); the
+//         products of unsigned 4-bit codes and int8 activations summed exactly in int32 (vpdpbusd), the zero point
+//         taken off once per block from the block's code sum: sum (q - z) x = sum q x - z sum x.
+//   BF16: activations rounded to bf16, codes turned into bf16 by a table, vdpbf16ps (AVX-512 BF16 only).
+//   FP32: activations as they are (fp32), codes to fp32 by a table, FMA: the same products as the reference.
+enum Inner : int { INNER_INT8 = 0, INNER_BF16 = 1, INNER_FP32 = 2 };
+
+enum Act : int { ACT_SILU = 0, ACT_CLAMPED_SWIGLU = 1, ACT_NONE = 2 };
+
+// Prepared activation rows (see prepare_rows): row r's K inputs at xa + r * K elements (int8, bf16 bits or fp32,
+// the last two permuted within each step of 8 to the order the weight codes come out of a 64-byte step), its block
+// scales (INT8) or group sums (BF16) at xs + r * nscale, its int8 block sums (INT8) at xi + r * nscale.
+// `block`: the inputs per scale: the int8 block (32, or 16 or 8 where the group size asks) or the weight group.
+struct Prepared {
+  const void* xa;
+  const float* xs;
+  const int32_t* xi;
+  int64_t k, nscale, block;
+  int inner;
+};
+
+// One GEMM over the experts' row lists. Work item w covers expert item_expert[w], tiles [item_tile0[w],
+// item_tile1[w]). Expert e's rows are r = row_begin[e] .. row_begin[e + 1] - 1 (positions in the sorted pair list):
+// it reads prepared activation row act_row[r] and writes output row r.
+//   gated (gate_up): output tile t of I columns = act(gate rows of tile t + bias, up rows of tile t + bias): gate
+//     rows first, up rows from row gate_rows_padded (4-bit: I rounded up to a tile, GPT-OSS deinterleaved at
+//     repack; dense: I); the bias in the same halves order [E, 2I].
+//   not gated (down): out = row_weight[r] * (acc + bias).
+struct GemmJob {
+  const Q4Weight* q4;       // one of q4 / dense
+  const DenseWeight* dense;
+  Prepared x;               // for q4
+  const float* xdense;      // for dense: fp32 activation rows [*, k]
+  int64_t ld_xdense;
+  const int32_t* item_expert;
+  const int32_t* item_tile0;
+  const int32_t* item_tile1;
+  const int64_t* row_begin;
+  const int64_t* act_row;
+  const float* row_weight;  // not gated only
+  const float* bias;        // [E, bias_stride] fp32 or null (gated: [gate | up] halves after repack)
+  int64_t bias_stride;
+  bool gated;
+  int act;
+  float alpha, limit;
+  int64_t out_cols;         // I (gated) or N
+  int64_t gate_rows_padded; // gated: the first up row
+  float* out;               // [rows, ld_out] fp32
+  int64_t ld_out;
+};
+
+// The functions of one ISA variant.
+struct Kernels {
+  const char* name;
+  bool has_bf16_dot;  // INNER_BF16 available
+  // Prepare activation rows [rows, k] (fp32 src, or bf16/fp16 given by src_dtype) for the 4-bit GEMM. src row r is
+  // at src + src_row[r] * ld_src (src_row null: r), times in_scale (per row pointer, may be null).
+  void (*prepare_rows)(const void* src, int src_dtype, int64_t ld_src, const int64_t* src_row, int64_t rows,
+                       const float* in_scale, const int64_t* in_scale_row, int64_t in_scale_stride,
+                       const Prepared& out, int64_t row0, int64_t row1);
+  void (*gemm)(const GemmJob& job, int64_t item0, int64_t item1);
+  // Streams `bytes` of memory with vector loads; returns a value that depends on all of them (the read bandwidth
+  // probe of the benchmarks).
+  uint64_t (*read_sum)(const void* p, int64_t bytes);
+};
+
+// Each returns its variant, or null where the build left it out (a compiler without the target).
+const Kernels* kernels_avx512();
+const Kernels* kernels_avx2();
+const Kernels* kernels_portable();
+
+}  // namespace moekern_cpu

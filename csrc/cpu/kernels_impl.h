@@ -1,0 +1,655 @@
+// The CPU kernels, written once and built once per ISA by isa_avx512.cpp, isa_avx2.cpp and isa_portable.cpp, each of
+// which sets MOEKERN_ISA_LEVEL (3: AVX-512 F/BW/VL/DQ/VNNI, 2: AVX2 + FMA + F16C, 0: plain C++) and a target pragma
+// before including this file inside its own namespace. Everything here is `static`: no symbol of one variant can
+// stand in for another's at link time. No torch header, no std template: see kernels.h.
+//
+// Oracle: moekern/ops/reference.py (moe_experts on the dequantized weights). The arithmetic per output element:
+//   4-bit INT8:  sum over blocks b of  s_g * d_b * (sum_k q_k xq_k - z_g * sum_k xq_k)      (exact int32 inner sums)
+//   4-bit BF16:  sum over groups g of  s_g * (sum_k q_k bf16(x_k) - z_g * sum_k bf16(x_k))
+//   4-bit FP32:  sum over groups g of  s_g * sum_k (q_k - z_g) x_k
+//   dense:       sum_k w_k x_k in fp32 (bf16 weights widened exactly)
+// The epilogues (gated activation, bias, routing weight) are the reference's formulas in fp32.
+
+#if MOEKERN_ISA_LEVEL >= 2
+#define MK_VEC 1
+#else
+#define MK_VEC 0
+#endif
+
+static inline int64_t mk_min(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline float mk_maxf(float a, float b) { return a > b ? a : b; }
+static inline float mk_absf(float a) { return a < 0 ? -a : a; }
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does (NaN kept a NaN)
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, exactly (subnormals included)
+  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400u));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else {
+    bits = sign | (exp + 112) << 23 | man << 13;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float load_as_f32(const void* p, int dtype, int64_t i) {
+  if (dtype == DT_F32) return static_cast<const float*>(p)[i];
+  if (dtype == DT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+static inline float sigmoidf_(float v) { return 1.0f / (1.0f + __builtin_expf(-v)); }
+
+// The order of the 8 inputs of one step as the codes come out of a 64-byte step (see kernels.h):
+// FP32 takes nibble j of each 32-bit lane in turn (bits 4j..4j+3: k = 0, 4, 1, 5, 2, 6, 3, 7);
+// BF16 takes 16-bit word pairs after a shift of 4j bits: (0, 2), (4, 6), (1, 3), (5, 7).
+static const int kFp32Order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+static const int kBf16Order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Activation rows for the 4-bit GEMM
+// ---------------------------------------------------------------------------------------------------------------------
+static void prepare_rows(const void* src, int src_dtype, int64_t ld_src, const int64_t* src_row, int64_t rows,
+                         const float* in_scale, const int64_t* in_scale_row, int64_t in_scale_stride,
+                         const Prepared& out, int64_t row0, int64_t row1) {
+  (void)rows;
+  const int64_t K = out.k;
+  float buf[STEP_K];
+  for (int64_t r = row0; r < row1; ++r) {
+    const int64_t sr = src_row ? src_row[r] : r;
+    const float* sc = in_scale ? in_scale + (in_scale_row ? in_scale_row[r] : 0) * in_scale_stride : nullptr;
+    if (out.inner == INNER_INT8) {
+      int8_t* xq = (int8_t*)out.xa + r * K;
+      float* d = (float*)out.xs + r * out.nscale;
+      int32_t* sums = (int32_t*)out.xi + r * out.nscale;
+      const int64_t ab = out.block;
+      for (int64_t b = 0; b < K / ab; ++b) {
+        float x[32], amax = 0.0f;  // block <= 32
+        for (int64_t i = 0; i < ab; ++i) {
+          const int64_t k = b * ab + i;
+          float v = load_as_f32(src, src_dtype, sr * ld_src + k);
+          if (sc) v *= sc[k];
+          x[i] = v;
+          amax = mk_maxf(amax, mk_absf(v));
+        }
+        const float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t s = 0;
+        for (int64_t i = 0; i < ab; ++i) {
+          const int32_t qv = (int32_t)__builtin_nearbyintf(x[i] * inv);
+          xq[b * ab + i] = (int8_t)qv;
+          s += qv;
+        }
+        d[b] = db;
+        sums[b] = s;
+      }
+    } else {
+      const int64_t G = out.block;  // BF16/FP32: the weight group size (sums per group)
+      float* gsum = (float*)out.xs + r * out.nscale;
+      for (int64_t g = 0; g < out.nscale; ++g) gsum[g] = 0.0f;
+      for (int64_t k0 = 0; k0 < K; k0 += STEP_K) {
+        for (int i = 0; i < STEP_K; ++i) {
+          float v = load_as_f32(src, src_dtype, sr * ld_src + k0 + i);
+          if (sc) v *= sc[k0 + i];
+          buf[i] = v;
+        }
+        if (out.inner == INNER_BF16) {
+          uint16_t* xb = (uint16_t*)out.xa + r * K + k0;
+          float s = 0.0f;
+          for (int i = 0; i < STEP_K; ++i) {
+            xb[i] = f32_to_bf16(buf[kBf16Order[i]]);
+            s += bf16_to_f32(xb[i]);
+          }
+          gsum[k0 / G] += s;
+        } else {
+          float* xf = (float*)out.xa + r * K + k0;
+          for (int i = 0; i < STEP_K; ++i) xf[i] = buf[kFp32Order[i]];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// 4-bit tile cores: out[m][0..15] = the 16 output rows of tile `t` of expert `e` for MB activation rows.
+// ---------------------------------------------------------------------------------------------------------------------
+struct TileRows {  // the activation rows of one block of MB
+  const int8_t* xq[8];
+  const float* xs[8];
+  const int32_t* xi[8];
+  const void* xa[8];
+};
+
+#if MOEKERN_ISA_LEVEL >= 3
+template <int MB>
+static inline void q4_int8_avx512(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
+                                  int64_t ab, const TileRows& x, float (*out)[TILE_N]) {
+  __m512 accf[MB];
+  for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int64_t nb_per_g = G / ab;
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m512 s = _mm512_loadu_ps(st + g * TILE_N);
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + g * TILE_N)));
+    for (int64_t b = 0; b < nb_per_g; ++b) {
+      const int64_t blk = g * nb_per_g + b, k0 = blk * ab;
+      __m512i acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
+      for (int64_t kk = k0; kk < k0 + ab; kk += STEP_K) {
+        const __m512i v = _mm512_loadu_si512((const void*)(qt + (kk / STEP_K) * STEP_BYTES));
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int m = 0; m < MB; ++m) {
+          int32_t a0, a1;
+          __builtin_memcpy(&a0, x.xq[m] + kk, 4);
+          __builtin_memcpy(&a1, x.xq[m] + kk + 4, 4);
+          acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(a0));
+          acc[m] = _mm512_dpbusd_epi32(acc[m], hi, _mm512_set1_epi32(a1));
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512i corr = _mm512_mullo_epi32(z, _mm512_set1_epi32(x.xi[m][blk]));
+        const __m512 sd = _mm512_mul_ps(s, _mm512_set1_ps(x.xs[m][blk]));
+        accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], corr)), sd, accf[m]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out[m], accf[m]);
+}
+
+template <int MB>
+static inline void q4_fp32_avx512(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
+                                  const TileRows& x, float (*out)[TILE_N]) {
+  __m512 accf[MB];
+  for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m512 s = _mm512_loadu_ps(st + g * TILE_N);
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + g * TILE_N))));
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
+      const __m512i v = _mm512_loadu_si512((const void*)(qt + (kk / STEP_K) * STEP_BYTES));
+#define MK_FP32_STEP(j)                                                                                      \
+  {                                                                                                          \
+    const __m512 w = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (j)), table), z);         \
+    for (int m = 0; m < MB; ++m)                                                                             \
+      acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(((const float*)x.xa[m])[kk + (j)]), acc[m]);               \
+  }
+      MK_FP32_STEP(0) MK_FP32_STEP(1) MK_FP32_STEP(2) MK_FP32_STEP(3)
+      MK_FP32_STEP(4) MK_FP32_STEP(5) MK_FP32_STEP(6) MK_FP32_STEP(7)
+#undef MK_FP32_STEP
+    }
+    for (int m = 0; m < MB; ++m) accf[m] = _mm512_fmadd_ps(acc[m], s, accf[m]);
+  }
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out[m], accf[m]);
+}
+
+template <int MB>
+__attribute__((target("avx512bf16"))) static inline void q4_bf16_avx512(
+    const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G, const TileRows& x,
+    float (*out)[TILE_N]) {
+  __m512 accf[MB];
+  for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+  // bf16 bits of 0..15, twice: vpermw reads 5 index bits, the fifth being a bit of the next nibble
+  const __m512i table = _mm512_set_epi16(
+      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040,
+      0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
+      0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m512 s = _mm512_loadu_ps(st + g * TILE_N);
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + g * TILE_N))));
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
+      const __m512i v = _mm512_loadu_si512((const void*)(qt + (kk / STEP_K) * STEP_BYTES));
+      for (int j = 0; j < 4; ++j) {
+        const __m512i w = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4 * j), table);
+        for (int m = 0; m < MB; ++m) {
+          int32_t pair;
+          __builtin_memcpy(&pair, (const uint16_t*)x.xa[m] + kk + 2 * j, 4);
+          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)w, (__m512bh)_mm512_set1_epi32(pair));
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 corrected = _mm512_fnmadd_ps(z, _mm512_set1_ps(x.xs[m][g]), acc[m]);
+      accf[m] = _mm512_fmadd_ps(corrected, s, accf[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out[m], accf[m]);
+}
+#endif  // MOEKERN_ISA_LEVEL >= 3
+
+#if MOEKERN_ISA_LEVEL == 2
+// AVX2: a 64-byte step is two registers of 8 lanes; vpmaddubsw + vpmaddwd stand in for vpdpbusd (no overflow: the
+// codes are at most 15, so a pair of products is at most 2 * 15 * 127 in int16).
+template <int MB>
+static inline void q4_int8_avx2(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
+                                int64_t ab, const TileRows& x, float (*out)[TILE_N]) {
+  __m256 accf[MB][2];
+  for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t nb_per_g = G / ab;
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m256 s[2];
+    __m256i z[2];
+    for (int h = 0; h < 2; ++h) {
+      s[h] = _mm256_loadu_ps(st + g * TILE_N + 8 * h);
+      z[h] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zt + g * TILE_N + 8 * h)));
+    }
+    for (int64_t b = 0; b < nb_per_g; ++b) {
+      const int64_t blk = g * nb_per_g + b, k0 = blk * ab;
+      __m256i acc[MB][2];
+      for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+      for (int64_t kk = k0; kk < k0 + ab; kk += STEP_K) {
+        const uint8_t* p = qt + (kk / STEP_K) * STEP_BYTES;
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int m = 0; m < MB; ++m) {
+            int32_t a0, a1;
+            __builtin_memcpy(&a0, x.xq[m] + kk, 4);
+            __builtin_memcpy(&a1, x.xq[m] + kk + 4, 4);
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(a1)), ones);
+            acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_add_epi32(p0, p1));
+          }
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        for (int h = 0; h < 2; ++h) {
+          const __m256i corr = _mm256_mullo_epi32(z[h], _mm256_set1_epi32(x.xi[m][blk]));
+          const __m256 sd = _mm256_mul_ps(s[h], _mm256_set1_ps(x.xs[m][blk]));
+          accf[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][h], corr)), sd, accf[m][h]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    _mm256_storeu_ps(out[m], accf[m][0]);
+    _mm256_storeu_ps(out[m] + 8, accf[m][1]);
+  }
+}
+
+template <int MB>
+static inline void q4_fp32_avx2(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
+                                const TileRows& x, float (*out)[TILE_N]) {
+  __m256 accf[MB][2];
+  for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  for (int64_t g = 0; g < K / G; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_loadu_ps(st + g * TILE_N + 8 * h);
+      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zt + g * TILE_N + 8 * h)));
+      __m256 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(qt + (kk / STEP_K) * STEP_BYTES + 32 * h));
+        for (int j = 0; j < 8; ++j) {
+          const __m256i q = _mm256_and_si256(_mm256_srli_epi32(v, 4 * j), low);
+          const __m256 w = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, z));
+          for (int m = 0; m < MB; ++m)
+            acc[m] = _mm256_fmadd_ps(w, _mm256_set1_ps(((const float*)x.xa[m])[kk + j]), acc[m]);
+        }
+      }
+      for (int m = 0; m < MB; ++m) accf[m][h] = _mm256_fmadd_ps(acc[m], s, accf[m][h]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    _mm256_storeu_ps(out[m], accf[m][0]);
+    _mm256_storeu_ps(out[m] + 8, accf[m][1]);
+  }
+}
+#endif  // MOEKERN_ISA_LEVEL == 2
+
+// Portable: the same arithmetic lane by lane (int32 inner sums for INT8, so the variants agree to float rounding).
+[[maybe_unused]] static void q4_int8_scalar(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G, int64_t ab,
+                           const TileRows& x, int mb, float (*out)[TILE_N]) {
+  const int64_t nb_per_g = G / ab;
+  for (int m = 0; m < mb; ++m) {
+    for (int lane = 0; lane < TILE_N; ++lane) {
+      float accf = 0.0f;
+      for (int64_t g = 0; g < K / G; ++g) {
+        const float s = st[g * TILE_N + lane];
+        const int32_t z = zt[g * TILE_N + lane];
+        for (int64_t b = 0; b < nb_per_g; ++b) {
+          const int64_t blk = g * nb_per_g + b, k0 = blk * ab;
+          int32_t acc = 0;
+          for (int64_t kk = k0; kk < k0 + ab; kk += STEP_K) {
+            const uint8_t* p = qt + (kk / STEP_K) * STEP_BYTES + lane * 4;
+            for (int i = 0; i < 4; ++i) {
+              acc += int32_t(p[i] & 0xF) * x.xq[m][kk + i];
+              acc += int32_t(p[i] >> 4) * x.xq[m][kk + 4 + i];
+            }
+          }
+          accf += float(acc - z * x.xi[m][blk]) * (s * x.xs[m][blk]);
+        }
+      }
+      out[m][lane] = accf;
+    }
+  }
+}
+
+[[maybe_unused]] static void q4_fp32_scalar(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
+                           const TileRows& x, int mb, float (*out)[TILE_N]) {
+  for (int m = 0; m < mb; ++m) {
+    const float* xf = (const float*)x.xa[m];
+    for (int lane = 0; lane < TILE_N; ++lane) {
+      float accf = 0.0f;
+      for (int64_t g = 0; g < K / G; ++g) {
+        const float s = st[g * TILE_N + lane];
+        const int32_t z = zt[g * TILE_N + lane];
+        float acc = 0.0f;
+        for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
+          uint32_t word;
+          __builtin_memcpy(&word, qt + (kk / STEP_K) * STEP_BYTES + lane * 4, 4);
+          for (int j = 0; j < 8; ++j) acc += float(int32_t((word >> (4 * j)) & 0xF) - z) * xf[kk + j];
+        }
+        accf += acc * s;
+      }
+      out[m][lane] = accf;
+    }
+  }
+}
+
+#if MOEKERN_ISA_LEVEL >= 3
+#define MK_MB_INT8 8
+#define MK_MB 4
+#elif MOEKERN_ISA_LEVEL == 2
+#define MK_MB_INT8 2
+#define MK_MB 2
+#else
+#define MK_MB_INT8 4
+#define MK_MB 4
+#endif
+
+// Dispatch one block of mb (1..MK_MB_*) rows to the core of the job's inner product.
+static void q4_tile(const Q4Weight& w, int64_t e, int64_t t, const Prepared& p, const TileRows& x, int mb,
+                    float (*out)[TILE_N]) {
+  const int64_t K = w.k, G = w.group, tile = e * w.tiles + t;
+  const uint8_t* qt = w.q + tile * (K / STEP_K) * STEP_BYTES;
+  const float* st = w.scales + tile * (K / G) * TILE_N;
+  const uint8_t* zt = w.zeros + tile * (K / G) * TILE_N;
+#if MOEKERN_ISA_LEVEL >= 3
+#define MK_CASE(N, CALL) case N: CALL; return;
+  if (p.inner == INNER_INT8) {
+    switch (mb) {
+      MK_CASE(1, (q4_int8_avx512<1>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(2, (q4_int8_avx512<2>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(3, (q4_int8_avx512<3>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(4, (q4_int8_avx512<4>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(5, (q4_int8_avx512<5>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(6, (q4_int8_avx512<6>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(7, (q4_int8_avx512<7>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(8, (q4_int8_avx512<8>(qt, st, zt, K, G, p.block, x, out)))
+    }
+  } else if (p.inner == INNER_BF16) {
+    switch (mb) {
+      MK_CASE(1, (q4_bf16_avx512<1>(qt, st, zt, K, G, x, out)))
+      MK_CASE(2, (q4_bf16_avx512<2>(qt, st, zt, K, G, x, out)))
+      MK_CASE(3, (q4_bf16_avx512<3>(qt, st, zt, K, G, x, out)))
+      MK_CASE(4, (q4_bf16_avx512<4>(qt, st, zt, K, G, x, out)))
+    }
+  } else {
+    switch (mb) {
+      MK_CASE(1, (q4_fp32_avx512<1>(qt, st, zt, K, G, x, out)))
+      MK_CASE(2, (q4_fp32_avx512<2>(qt, st, zt, K, G, x, out)))
+      MK_CASE(3, (q4_fp32_avx512<3>(qt, st, zt, K, G, x, out)))
+      MK_CASE(4, (q4_fp32_avx512<4>(qt, st, zt, K, G, x, out)))
+    }
+  }
+#undef MK_CASE
+#elif MOEKERN_ISA_LEVEL == 2
+  if (p.inner == INNER_INT8) {
+    if (mb == 1) return q4_int8_avx2<1>(qt, st, zt, K, G, p.block, x, out);
+    return q4_int8_avx2<2>(qt, st, zt, K, G, p.block, x, out);
+  }
+  if (mb == 1) return q4_fp32_avx2<1>(qt, st, zt, K, G, x, out);
+  return q4_fp32_avx2<2>(qt, st, zt, K, G, x, out);
+#else
+  if (p.inner == INNER_INT8) return q4_int8_scalar(qt, st, zt, K, G, p.block, x, mb, out);
+  return q4_fp32_scalar(qt, st, zt, K, G, x, mb, out);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Dense tile core: out[m][i] = W[row(i)] . x[m] for the (up to) 16 rows of a tile, fp32 or bf16 weights.
+// ---------------------------------------------------------------------------------------------------------------------
+#if MOEKERN_ISA_LEVEL >= 3
+static inline __m512 load16_w(const void* w, int dtype, int64_t k, __mmask16 mask) {
+  if (dtype == DT_F32) return _mm512_maskz_loadu_ps(mask, (const float*)w + k);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)w + k);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int MB>
+static inline void dense_rows4_avx512(const void* const* wrow, int nrows, int dtype, int64_t K, const float* const* x,
+                                      float (*out)[TILE_N], int i0) {
+  __m512 acc[4][MB];
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x[m] + k);
+    for (int r = 0; r < 4; ++r) {
+      if (r >= nrows) break;
+      const __m512 w = load16_w(wrow[r], dtype, k, mask);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(w, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < nrows; ++r)
+    for (int m = 0; m < MB; ++m) out[m][i0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+#endif
+
+#if MOEKERN_ISA_LEVEL == 2
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MB>
+static inline void dense_rows4_avx2(const void* const* wrow, int nrows, int dtype, int64_t K, const float* const* x,
+                                    float (*out)[TILE_N], int i0) {
+  __m256 acc[4][MB];
+  for (int r = 0; r < 4; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x[m] + k);
+    for (int r = 0; r < 4; ++r) {
+      if (r >= nrows) break;
+      __m256 w;
+      if (dtype == DT_F32) {
+        w = _mm256_loadu_ps((const float*)wrow[r] + k);
+      } else {
+        const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)wrow[r] + k));
+        w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      }
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(w, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < nrows; ++r) {
+    for (int m = 0; m < MB; ++m) {
+      float s = hsum256(acc[r][m]);
+      for (int64_t k = K8; k < K; ++k) s += load_as_f32(wrow[r], dtype, k) * x[m][k];
+      out[m][i0 + r] = s;
+    }
+  }
+}
+#endif
+
+[[maybe_unused]] static void dense_rows_scalar(const void* const* wrow, int nrows, int dtype, int64_t K, const float* const* x, int mb,
+                              float (*out)[TILE_N], int i0) {
+  for (int r = 0; r < nrows; ++r) {
+    for (int m = 0; m < mb; ++m) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums, as a vector unit would keep them
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8)
+        for (int i = 0; i < 8; ++i) acc[i] += load_as_f32(wrow[r], dtype, k + i) * x[m][k + i];
+      float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      for (; k < K; ++k) s += load_as_f32(wrow[r], dtype, k) * x[m][k];
+      out[m][i0 + r] = s;
+    }
+  }
+}
+
+// The 16 (or fewer, at the end of N) consecutive weight rows from `row0`, four at a time.
+static void dense_tile(const DenseWeight& w, int64_t e, int64_t row0, int nrows, const float* const* x, int mb,
+                       float (*out)[TILE_N]) {
+  const int esz = w.dtype == DT_F32 ? 4 : 2;
+  const char* base = (const char*)w.w + (e * w.stride_e + row0 * w.stride_n) * esz;
+  for (int i0 = 0; i0 < nrows; i0 += 4) {
+    const void* wrow[4];
+    const int n4 = (int)mk_min(4, nrows - i0);
+    for (int r = 0; r < 4; ++r) wrow[r] = base + (i0 + (r < n4 ? r : 0)) * w.stride_n * esz;
+#if MOEKERN_ISA_LEVEL >= 3
+    switch (mb) {
+      case 1: dense_rows4_avx512<1>(wrow, n4, w.dtype, w.k, x, out, i0); break;
+      case 2: dense_rows4_avx512<2>(wrow, n4, w.dtype, w.k, x, out, i0); break;
+      case 3: dense_rows4_avx512<3>(wrow, n4, w.dtype, w.k, x, out, i0); break;
+      default: dense_rows4_avx512<4>(wrow, n4, w.dtype, w.k, x, out, i0); break;
+    }
+#elif MOEKERN_ISA_LEVEL == 2
+    if (mb == 1) dense_rows4_avx2<1>(wrow, n4, w.dtype, w.k, x, out, i0);
+    else dense_rows4_avx2<2>(wrow, n4, w.dtype, w.k, x, out, i0);
+#else
+    dense_rows_scalar(wrow, n4, w.dtype, w.k, x, mb, out, i0);
+#endif
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The GEMM driver: work items over (expert, tiles), rows in blocks of MB, the epilogue.
+// ---------------------------------------------------------------------------------------------------------------------
+static inline float gated(float g, float u, int act, float alpha, float limit) {
+  if (act == ACT_SILU) return g * sigmoidf_(g) * u;
+  g = g < limit ? g : limit;
+  u = u < -limit ? -limit : (u > limit ? limit : u);
+  return (u + 1.0f) * g * sigmoidf_(g * alpha);
+}
+
+static void gemm(const GemmJob& job, int64_t item0, int64_t item1) {
+  const bool q4 = job.q4 != nullptr;
+  const int mbmax = q4 ? (job.x.inner == INNER_INT8 ? MK_MB_INT8 : MK_MB) : MK_MB;
+  const int64_t up_tile0 = q4 ? job.gate_rows_padded / TILE_N : 0;
+  float a[8][TILE_N], b[8][TILE_N];
+  for (int64_t item = item0; item < item1; ++item) {
+    const int64_t e = job.item_expert[item];
+    const int64_t r0 = job.row_begin[e], r1 = job.row_begin[e + 1];
+    for (int64_t t = job.item_tile0[item]; t < job.item_tile1[item]; ++t) {
+      const int64_t col0 = t * TILE_N;
+      const int ncols = (int)mk_min(TILE_N, job.out_cols - col0);
+      for (int64_t rb = r0; rb < r1; rb += mbmax) {
+        const int mb = (int)mk_min(mbmax, r1 - rb);
+        if (q4) {
+          TileRows x;
+          const Prepared& p = job.x;
+          for (int m = 0; m < mb; ++m) {
+            const int64_t ar = job.act_row[rb + m];
+            const int esz = p.inner == INNER_INT8 ? 1 : (p.inner == INNER_BF16 ? 2 : 4);
+            x.xa[m] = (const char*)p.xa + ar * p.k * esz;
+            x.xq[m] = (const int8_t*)x.xa[m];
+            x.xs[m] = p.xs + ar * p.nscale;
+            x.xi[m] = p.xi ? p.xi + ar * p.nscale : nullptr;
+          }
+          q4_tile(*job.q4, e, t, p, x, mb, a);
+          if (job.gated) q4_tile(*job.q4, e, up_tile0 + t, p, x, mb, b);
+        } else {
+          const float* x[8];
+          for (int m = 0; m < mb; ++m) x[m] = (const float*)job.xdense + job.act_row[rb + m] * job.ld_xdense;
+          dense_tile(*job.dense, e, col0, ncols, x, mb, a);
+          if (job.gated) dense_tile(*job.dense, e, job.gate_rows_padded + col0, ncols, x, mb, b);
+        }
+        const float* bias = job.bias ? job.bias + e * job.bias_stride : nullptr;
+        for (int m = 0; m < mb; ++m) {
+          float* o = job.out + (rb + m) * job.ld_out + col0;
+          if (job.gated) {
+            for (int i = 0; i < ncols; ++i) {
+              float g = a[m][i], u = b[m][i];
+              if (bias) {
+                g += bias[col0 + i];
+                u += bias[job.out_cols + col0 + i];
+              }
+              o[i] = gated(g, u, job.act, job.alpha, job.limit);
+            }
+          } else {
+            const float rw = job.row_weight ? job.row_weight[rb + m] : 1.0f;
+            for (int i = 0; i < ncols; ++i) o[i] = rw * (a[m][i] + (bias ? bias[col0 + i] : 0.0f));
+          }
+        }
+      }
+    }
+  }
+}
+
+static uint64_t read_sum(const void* p, int64_t bytes) {
+  const char* c = (const char*)p;
+  int64_t i = 0;
+  uint64_t total = 0;
+#if MOEKERN_ISA_LEVEL >= 3
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 256 <= bytes; i += 256) {
+    s0 = _mm512_add_epi64(s0, _mm512_loadu_si512((const void*)(c + i)));
+    s1 = _mm512_add_epi64(s1, _mm512_loadu_si512((const void*)(c + i + 64)));
+    s2 = _mm512_add_epi64(s2, _mm512_loadu_si512((const void*)(c + i + 128)));
+    s3 = _mm512_add_epi64(s3, _mm512_loadu_si512((const void*)(c + i + 192)));
+  }
+  total = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+#elif MOEKERN_ISA_LEVEL == 2
+  __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 128 <= bytes; i += 128) {
+    s0 = _mm256_add_epi64(s0, _mm256_loadu_si256((const __m256i*)(c + i)));
+    s1 = _mm256_add_epi64(s1, _mm256_loadu_si256((const __m256i*)(c + i + 32)));
+    s2 = _mm256_add_epi64(s2, _mm256_loadu_si256((const __m256i*)(c + i + 64)));
+    s3 = _mm256_add_epi64(s3, _mm256_loadu_si256((const __m256i*)(c + i + 96)));
+  }
+  uint64_t lanes[4];
+  _mm256_storeu_si256((__m256i*)lanes, _mm256_add_epi64(_mm256_add_epi64(s0, s1), _mm256_add_epi64(s2, s3)));
+  total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
+  for (; i + 8 <= bytes; i += 8) {  // the rest (all of it in the portable build), 8 bytes at a time
+    uint64_t w;
+    __builtin_memcpy(&w, c + i, 8);
+    total += w;
+  }
+  for (; i < bytes; ++i) total += (uint8_t)c[i];
+  return total;
+}
+
+static const Kernels kKernels = {
+    MOEKERN_ISA_NAME,
+#if MOEKERN_ISA_LEVEL >= 3
+    true,
+#else
+    false,
+#endif
+    prepare_rows, gemm, read_sum};

@@ -1,0 +1,617 @@
+// The torch side of moekern's CPU kernels: argument checks, the host bookkeeping of the routing (pairs sorted by
+// expert), buffers, threads (at::parallel_for over (expert, tile) work items) and the choice of the ISA variant.
+// Registered as torch.ops.moekern_cpu.*; moekern/ops/cpu.py is the Python face. The arithmetic lives in
+// kernels_impl.h (see kernels.h for the layouts).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace moekern_cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------------
+// ISA variants
+// ---------------------------------------------------------------------------------------------------------------------
+enum Isa : int64_t { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+const Kernels* variant(int64_t isa) {
+  switch (isa) {
+    case ISA_AVX512:
+      TORCH_CHECK(cpu_has_avx512(), "moekern: the avx512 kernels need AVX-512 F/BW/VL/DQ/VNNI, which this CPU lacks");
+      return kernels_avx512();
+    case ISA_AVX2:
+      TORCH_CHECK(cpu_has_avx2(), "moekern: the avx2 kernels need AVX2 and FMA, which this CPU lacks");
+      return kernels_avx2();
+    case ISA_PORTABLE:
+      return kernels_portable();
+  }
+  TORCH_CHECK(false, "moekern: unknown ISA variant ", isa);
+}
+
+// The best variant this CPU runs: what `auto` means.
+int64_t best_isa() {
+  if (cpu_has_avx512()) return ISA_AVX512;
+  if (cpu_has_avx2()) return ISA_AVX2;
+  return ISA_PORTABLE;
+}
+
+std::string cpu_flags() {
+  std::string out;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#define MK_FLAG(name) \
+  if (__builtin_cpu_supports(name)) out += std::string(out.empty() ? "" : " ") + name;
+  MK_FLAG("sse4.2") MK_FLAG("avx") MK_FLAG("avx2") MK_FLAG("fma") MK_FLAG("f16c") MK_FLAG("avx512f")
+  MK_FLAG("avx512bw") MK_FLAG("avx512vl") MK_FLAG("avx512dq") MK_FLAG("avx512vnni") MK_FLAG("avx512bf16")
+#undef MK_FLAG
+#endif
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------------------------------
+bool g_poison = false;  // tests: every buffer an op allocates starts as NaN (or a wild integer)
+
+at::Tensor alloc(at::IntArrayRef size, at::ScalarType dtype) {
+  auto t = at::empty(size, at::TensorOptions().dtype(dtype));
+  if (g_poison) {
+    if (at::isFloatingType(dtype)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else t.fill_(dtype == at::kByte ? 0xAB : (dtype == at::kChar ? -77 : (dtype == at::kShort ? -12345 : -123457)));
+  }
+  return t;
+}
+
+int dtype_code(at::ScalarType t) {
+  if (t == at::kFloat) return DT_F32;
+  if (t == at::kBFloat16) return DT_BF16;
+  if (t == at::kHalf) return DT_F16;
+  TORCH_CHECK(false, "moekern: the CPU kernels take float32, bfloat16 or float16 activations, got ", t);
+}
+
+template <typename F>
+void parallel(int64_t n, F&& f) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { f(b, e); });
+}
+
+// The routed (token, slot) pairs sorted by expert, skipped slots (id < 0) left out.
+struct Routing {
+  int64_t tokens = 0, slots = 0, rows = 0;
+  std::vector<int64_t> row_begin;   // [E + 1]
+  std::vector<int64_t> token_of;    // [rows]
+  std::vector<int64_t> expert_of;   // [rows]
+  std::vector<float> weight_of;     // [rows]
+  std::vector<int64_t> row_of_pair; // [tokens * slots], -1 for a skipped slot
+};
+
+Routing sort_pairs(const at::Tensor& ids_in, const at::Tensor& weights_in, int64_t num_experts) {
+  TORCH_CHECK(ids_in.dim() == 2 && weights_in.sizes() == ids_in.sizes(),
+              "moekern: top_k_index and top_k_weights must both be [tokens, k]");
+  auto ids = ids_in.to(at::kLong).contiguous();
+  auto w = weights_in.to(at::kFloat).contiguous();
+  Routing r;
+  r.tokens = ids.size(0);
+  r.slots = ids.size(1);
+  const int64_t n = r.tokens * r.slots;
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* wp = w.data_ptr<float>();
+  std::vector<int64_t> count(num_experts + 1, 0);
+  for (int64_t p = 0; p < n; ++p) {
+    TORCH_CHECK(id[p] < num_experts, "moekern: expert id ", id[p], " out of range for ", num_experts, " experts");
+    if (id[p] >= 0) ++count[id[p]];
+  }
+  r.row_begin.assign(num_experts + 1, 0);
+  for (int64_t e = 0; e < num_experts; ++e) r.row_begin[e + 1] = r.row_begin[e] + count[e];
+  r.rows = r.row_begin[num_experts];
+  r.token_of.resize(r.rows);
+  r.expert_of.resize(r.rows);
+  r.weight_of.resize(r.rows);
+  r.row_of_pair.assign(n, -1);
+  std::vector<int64_t> next(r.row_begin.begin(), r.row_begin.end() - 1);
+  for (int64_t p = 0; p < n; ++p) {
+    if (id[p] < 0) continue;
+    const int64_t row = next[id[p]]++;
+    r.token_of[row] = p / r.slots;
+    r.expert_of[row] = id[p];
+    r.weight_of[row] = wp[p];
+    r.row_of_pair[p] = row;
+  }
+  return r;
+}
+
+// Work items over (expert with rows, tiles): small enough to balance the threads, large enough to stream.
+struct Items {
+  std::vector<int32_t> expert, tile0, tile1;
+};
+
+Items make_items(const Routing& r, int64_t tiles, int64_t num_experts) {
+  int64_t active = 0;
+  for (int64_t e = 0; e < num_experts; ++e) active += r.row_begin[e + 1] > r.row_begin[e];
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_item = std::max<int64_t>(1, std::min<int64_t>(32, active * tiles / (threads * 8)));
+  Items it;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (r.row_begin[e + 1] == r.row_begin[e]) continue;  // a dropped or unchosen expert costs nothing
+    for (int64_t t = 0; t < tiles; t += per_item) {
+      it.expert.push_back((int32_t)e);
+      it.tile0.push_back((int32_t)t);
+      it.tile1.push_back((int32_t)std::min(tiles, t + per_item));
+    }
+  }
+  return it;
+}
+
+// out[t] = sum over slots (in slot order) of part[row of (t, slot)]; a token without a computed slot gets 0.
+at::Tensor sum_slots(const Routing& r, const at::Tensor& part, int64_t H, at::ScalarType dtype) {
+  auto out = alloc({r.tokens, H}, dtype);
+  auto acc = dtype == at::kFloat ? out : alloc({r.tokens, H}, at::kFloat);
+  float* o = acc.data_ptr<float>();
+  const float* pp = part.numel() ? part.data_ptr<float>() : nullptr;
+  parallel(r.tokens, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* dst = o + t * H;
+      std::fill(dst, dst + H, 0.0f);
+      for (int64_t s = 0; s < r.slots; ++s) {
+        const int64_t row = r.row_of_pair[t * r.slots + s];
+        if (row < 0) continue;
+        const float* src = pp + row * H;
+        for (int64_t h = 0; h < H; ++h) dst[h] += src[h];
+      }
+    }
+  });
+  if (dtype != at::kFloat) out.copy_(acc);
+  return out;
+}
+
+at::Tensor fp32_bias(const c10::optional<at::Tensor>& b, int64_t E, int64_t width, const char* what) {
+  if (!b.has_value()) return at::Tensor();
+  TORCH_CHECK(b->dim() == 2 && b->size(0) == E && b->size(1) == width, "moekern: ", what, " must be [", E, ", ", width,
+              "], got ", b->sizes());
+  return b->to(at::kFloat).contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// 4-bit: repack and the fused MoE
+// ---------------------------------------------------------------------------------------------------------------------
+// moekern's layout (qweight int32 [E, K/8, N], scales [E, K/G, N], zeros uint8 [E, K/G, N]) -> the CPU tiles
+// (kernels.h). rows: "plain" keeps the N rows; "halves" (gate_up: gate rows then up rows) pads each half to whole
+// tiles; "interleaved" (GPT-OSS gate_up: gate and up rows alternate) also puts the gate rows first.
+std::vector<at::Tensor> repack_q4(const at::Tensor& qweight_in, const at::Tensor& scales_in, const at::Tensor& zeros_in,
+                                  int64_t rows) {
+  TORCH_CHECK(qweight_in.dim() == 3 && qweight_in.scalar_type() == at::kInt, "moekern: qweight must be int32 [E, K/8, N]");
+  TORCH_CHECK(zeros_in.scalar_type() == at::kByte, "moekern: zeros must be uint8");
+  TORCH_CHECK(scales_in.dim() == 3 && zeros_in.sizes() == scales_in.sizes(), "moekern: scales and zeros must be [E, K/G, N]");
+  auto qweight = qweight_in.contiguous();
+  auto scales = scales_in.to(at::kFloat).contiguous();
+  auto zeros = zeros_in.contiguous();
+  const int64_t E = qweight.size(0), K = qweight.size(1) * 8, N = qweight.size(2), ngroups = scales.size(1);
+  TORCH_CHECK(scales.size(0) == E && scales.size(2) == N && ngroups > 0 && K % ngroups == 0,
+              "moekern: scales [E, K/G, N] do not match qweight ", qweight.sizes());
+  const int64_t G = K / ngroups;
+  TORCH_CHECK(G % 8 == 0, "moekern: the 4-bit CPU kernels need a group size that is a multiple of 8, got ", G);
+  int64_t half = N, half_padded = (N + TILE_N - 1) / TILE_N * TILE_N, padded = half_padded;
+  if (rows != 0) {
+    TORCH_CHECK(N % 2 == 0, "moekern: a gate_up weight has an even number of rows, got ", N);
+    half = N / 2;
+    half_padded = (half + TILE_N - 1) / TILE_N * TILE_N;
+    padded = 2 * half_padded;
+  }
+  const int64_t tiles = padded / TILE_N;
+  // source row of each padded row, -1 for padding
+  std::vector<int64_t> src(padded, -1);
+  for (int64_t i = 0; i < padded; ++i) {
+    if (rows == 0) {
+      src[i] = i < N ? i : -1;
+    } else {
+      const int64_t h = i / half_padded, j = i % half_padded;
+      if (j < half) src[i] = rows == 1 ? h * half + j : 2 * j + h;
+    }
+  }
+  auto q = alloc({E, tiles, K / 8, STEP_BYTES}, at::kByte);
+  auto s = alloc({E, tiles, ngroups, TILE_N}, at::kFloat);
+  auto z = alloc({E, tiles, ngroups, TILE_N}, at::kByte);
+  const int32_t* qw = qweight.data_ptr<int32_t>();
+  const float* sp = scales.data_ptr<float>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  uint8_t* qo = q.data_ptr<uint8_t>();
+  float* so = s.data_ptr<float>();
+  uint8_t* zo = z.data_ptr<uint8_t>();
+  parallel(E * tiles, [&](int64_t b, int64_t e_) {
+    for (int64_t et = b; et < e_; ++et) {
+      const int64_t e = et / tiles, t = et % tiles;
+      for (int lane = 0; lane < TILE_N; ++lane) {
+        const int64_t n = src[t * TILE_N + lane];
+        for (int64_t step = 0; step < K / 8; ++step) {
+          const uint32_t word = n < 0 ? 0u : (uint32_t)qw[(e * (K / 8) + step) * N + n];
+          uint8_t* dst = qo + ((et * (K / 8) + step) * STEP_BYTES) + lane * 4;
+          for (int i = 0; i < 4; ++i)
+            dst[i] = uint8_t(((word >> (4 * i)) & 0xF) | (((word >> (4 * (4 + i))) & 0xF) << 4));
+        }
+        for (int64_t g = 0; g < ngroups; ++g) {
+          so[(et * ngroups + g) * TILE_N + lane] = n < 0 ? 0.0f : sp[(e * ngroups + g) * N + n];
+          zo[(et * ngroups + g) * TILE_N + lane] = n < 0 ? 0 : zp[(e * ngroups + g) * N + n];
+        }
+      }
+    }
+  });
+  return {q, s, z};
+}
+
+Q4Weight q4_view(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t n) {
+  TORCH_CHECK(q.dim() == 4 && q.size(3) == STEP_BYTES && q.scalar_type() == at::kByte && q.is_contiguous(),
+              "moekern: not a repacked 4-bit weight (use moekern.ops.cpu.repack)");
+  TORCH_CHECK(s.dim() == 4 && s.size(3) == TILE_N && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                  z.sizes() == s.sizes() && z.is_contiguous(),
+              "moekern: repacked scales/zeros do not match");
+  Q4Weight w;
+  w.q = q.data_ptr<uint8_t>();
+  w.scales = s.data_ptr<float>();
+  w.zeros = z.data_ptr<uint8_t>();
+  w.n = n;
+  w.k = q.size(2) * STEP_K;
+  w.group = w.k / s.size(2);
+  w.tiles = q.size(1);
+  return w;
+}
+
+int64_t int8_block(int64_t group) { return group % 32 == 0 ? 32 : (group % 16 == 0 ? 16 : 8); }
+
+// Activation rows in the form the inner product reads.
+struct PreparedBuffers {
+  at::Tensor xa, xs, xi;
+  Prepared p;
+};
+
+PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, const int64_t* src_row, int64_t rows,
+                        int64_t group, const at::Tensor& in_scale, const int64_t* in_scale_row) {
+  PreparedBuffers b;
+  const int64_t K = src.size(1);
+  b.p.k = K;
+  b.p.inner = inner;
+  b.p.block = inner == INNER_INT8 ? int8_block(group) : group;
+  b.p.nscale = K / b.p.block;
+  const auto a_type = inner == INNER_INT8 ? at::kChar : (inner == INNER_BF16 ? at::kShort : at::kFloat);
+  b.xa = alloc({rows, K}, a_type);
+  b.xs = alloc({rows, b.p.nscale}, at::kFloat);
+  if (inner == INNER_INT8) b.xi = alloc({rows, b.p.nscale}, at::kInt);
+  b.p.xa = b.xa.data_ptr();
+  b.p.xs = b.xs.data_ptr<float>();
+  b.p.xi = inner == INNER_INT8 ? b.xi.data_ptr<int32_t>() : nullptr;
+  const float* sc = in_scale.defined() ? in_scale.data_ptr<float>() : nullptr;
+  const int64_t sc_stride = in_scale.defined() ? in_scale.size(1) : 0;
+  const void* sp = src.data_ptr();
+  const int dt = dtype_code(src.scalar_type());
+  const int64_t ld = src.stride(0);
+  parallel(rows, [&](int64_t r0, int64_t r1) {
+    kern->prepare_rows(sp, dt, ld, src_row, rows, sc, in_scale_row, sc_stride, b.p, r0, r1);
+  });
+  return b;
+}
+
+int resolve_inner(const Kernels* kern, int64_t isa, int64_t inner) {
+  TORCH_CHECK(inner >= INNER_INT8 && inner <= INNER_FP32, "moekern: unknown inner product ", inner);
+  if (inner == INNER_BF16)
+    TORCH_CHECK(isa == ISA_AVX512 && kern->has_bf16_dot && cpu_has_bf16_dot(),
+                "moekern: the bf16 inner product needs the avx512 variant on a CPU with AVX512_BF16");
+  return (int)inner;
+}
+
+void run_gemm(const Kernels* kern, const GemmJob& job, const Items& items) {
+  parallel((int64_t)items.expert.size(), [&](int64_t b, int64_t e) { kern->gemm(job, b, e); });
+}
+
+at::Tensor in_scale_fp32(const c10::optional<at::Tensor>& s, int64_t E, int64_t K, const char* what) {
+  if (!s.has_value()) return at::Tensor();
+  TORCH_CHECK(s->dim() == 2 && s->size(0) == E && s->size(1) == K, "moekern: ", what, " must be [", E, ", ", K, "]");
+  return s->to(at::kFloat).contiguous();
+}
+
+// x [T, H]; ids, weights [T, k]; gate_up and down repacked by repack_q4 (gate_up with rows "halves" or
+// "interleaved"); biases [E, 2I] (gate rows first, as repacked) and [E, H]; AWQ input scales [E, H] and [E, I].
+at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tensor& weights, at::TensorList gate_up,
+                  at::TensorList down, int64_t inter, const c10::optional<at::Tensor>& b_gate_up,
+                  const c10::optional<at::Tensor>& b_down, const c10::optional<at::Tensor>& in_scale_gate_up,
+                  const c10::optional<at::Tensor>& in_scale_down, int64_t act, double alpha, double limit,
+                  int64_t inner_in, int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 2, "moekern: hidden states must be [tokens, hidden]");
+  TORCH_CHECK(gate_up.size() == 3 && down.size() == 3, "moekern: a repacked weight is (q, scales, zeros)");
+  const Kernels* kern = variant(isa);
+  const int inner = resolve_inner(kern, isa, inner_in);
+  auto x = x_in.contiguous();
+  const int64_t H = x.size(1), E = gate_up[0].size(0);
+  Q4Weight wgu = q4_view(gate_up[0], gate_up[1], gate_up[2], 2 * inter);
+  Q4Weight wd = q4_view(down[0], down[1], down[2], H);
+  TORCH_CHECK(wgu.k == H && wd.k == inter && down[0].size(0) == E && wd.tiles * TILE_N >= H &&
+                  wgu.tiles * TILE_N >= 2 * inter,
+              "moekern: 4-bit weights do not match hidden ", H, " and intermediate ", inter);
+  Routing r = sort_pairs(ids, weights, E);
+  auto bgu = fp32_bias(b_gate_up, E, 2 * inter, "gate_up bias");
+  auto bd = fp32_bias(b_down, E, H, "down bias");
+  auto sgu = in_scale_fp32(in_scale_gate_up, E, H, "gate_up input scale");
+  auto sd = in_scale_fp32(in_scale_down, E, inter, "down input scale");
+  if (r.rows == 0) return sum_slots(r, at::Tensor(), H, x.scalar_type());
+
+  // gate_up: activations per token (or per pair where an expert's input scale differs)
+  const bool per_pair = sgu.defined();
+  std::vector<int64_t> act_row(r.rows);
+  for (int64_t i = 0; i < r.rows; ++i) act_row[i] = per_pair ? i : r.token_of[i];
+  PreparedBuffers xa = per_pair ? prepare(kern, inner, x, r.token_of.data(), r.rows, wgu.group, sgu, r.expert_of.data())
+                                : prepare(kern, inner, x, nullptr, r.tokens, wgu.group, at::Tensor(), nullptr);
+  auto hidden = alloc({r.rows, inter}, at::kFloat);
+  GemmJob job{};
+  job.q4 = &wgu;
+  job.x = xa.p;
+  job.row_begin = r.row_begin.data();
+  job.act_row = act_row.data();
+  job.bias = bgu.defined() ? bgu.data_ptr<float>() : nullptr;
+  job.bias_stride = 2 * inter;
+  job.gated = true;
+  job.act = (int)act;
+  job.alpha = (float)alpha;
+  job.limit = (float)limit;
+  job.out_cols = inter;
+  job.gate_rows_padded = wgu.tiles / 2 * TILE_N;
+  job.out = hidden.data_ptr<float>();
+  job.ld_out = inter;
+  Items items = make_items(r, wgu.tiles / 2, E);
+  job.item_expert = items.expert.data();
+  job.item_tile0 = items.tile0.data();
+  job.item_tile1 = items.tile1.data();
+  run_gemm(kern, job, items);
+
+  // down, times the routing weight
+  std::vector<int64_t> rows_id(r.rows);
+  for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
+  PreparedBuffers ha = prepare(kern, inner, hidden, nullptr, r.rows, wd.group, sd, r.expert_of.data());
+  auto part = alloc({r.rows, H}, at::kFloat);
+  GemmJob down_job{};
+  down_job.q4 = &wd;
+  down_job.x = ha.p;
+  down_job.row_begin = r.row_begin.data();
+  down_job.act_row = rows_id.data();
+  down_job.row_weight = r.weight_of.data();
+  down_job.bias = bd.defined() ? bd.data_ptr<float>() : nullptr;
+  down_job.bias_stride = H;
+  down_job.gated = false;
+  down_job.out_cols = H;
+  down_job.out = part.data_ptr<float>();
+  down_job.ld_out = H;
+  Items ditems = make_items(r, wd.tiles, E);
+  down_job.item_expert = ditems.expert.data();
+  down_job.item_tile0 = ditems.tile0.data();
+  down_job.item_tile1 = ditems.tile1.data();
+  run_gemm(kern, down_job, ditems);
+  return sum_slots(r, part, H, x.scalar_type());
+}
+
+// A 4-bit Linear: x [T, K] -> [T, N] (moekern.modules.quant.QuantizedLinear), weight repacked "plain" with E = 1.
+at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, int64_t n, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& in_scale, int64_t inner_in, int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 2 && w.size() == 3, "moekern: linear_q4 takes x [T, K] and a repacked weight");
+  const Kernels* kern = variant(isa);
+  const int inner = resolve_inner(kern, isa, inner_in);
+  auto x = x_in.contiguous();
+  Q4Weight wq = q4_view(w[0], w[1], w[2], n);
+  TORCH_CHECK(w[0].size(0) == 1 && wq.k == x.size(1), "moekern: linear_q4 weight does not match the input");
+  const int64_t T = x.size(0);
+  auto out32 = alloc({T, n}, at::kFloat);
+  if (T == 0) return out32.to(x.scalar_type());
+  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous().view({1, n}) : at::Tensor();
+  at::Tensor s = in_scale.has_value() ? in_scale->to(at::kFloat).contiguous().view({1, wq.k}) : at::Tensor();
+  std::vector<int64_t> zero(T, 0), rows_id(T);
+  for (int64_t i = 0; i < T; ++i) rows_id[i] = i;
+  PreparedBuffers xa = prepare(kern, inner, x, nullptr, T, wq.group, s, zero.data());
+  std::vector<int64_t> row_begin = {0, T};
+  GemmJob job{};
+  job.q4 = &wq;
+  job.x = xa.p;
+  job.row_begin = row_begin.data();
+  job.act_row = rows_id.data();
+  job.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  job.bias_stride = n;
+  job.out_cols = n;
+  job.out = out32.data_ptr<float>();
+  job.ld_out = n;
+  Routing one;
+  one.row_begin = row_begin;
+  Items items = make_items(one, wq.tiles, 1);
+  job.item_expert = items.expert.data();
+  job.item_tile0 = items.tile0.data();
+  job.item_tile1 = items.tile1.data();
+  run_gemm(kern, job, items);
+  return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Dense (fp32 / bf16) experts
+// ---------------------------------------------------------------------------------------------------------------------
+// Up to this many rows per expert, the fused kernel (each weight read once, threads over (expert, row tile)); above,
+// each expert's rows go to at::matmul (oneDNN/MKL GEMMs, which win once a weight is reused by many rows).
+constexpr int64_t kDenseFusedMaxRows = 8;
+
+at::Tensor gated_act(const at::Tensor& h, int64_t act, double alpha, double limit, bool interleaved) {
+  at::Tensor g, u;
+  if (interleaved) {
+    g = h.slice(1, 0, h.size(1), 2);
+    u = h.slice(1, 1, h.size(1), 2);
+  } else {
+    auto parts = h.chunk(2, 1);
+    g = parts[0];
+    u = parts[1];
+  }
+  if (act == ACT_SILU) return at::silu(g) * u;
+  g = g.clamp_max(limit);
+  u = u.clamp(-limit, limit);
+  return (u + 1) * g * at::sigmoid(g * alpha);
+}
+
+// w_gate_up [E, 2I, H], w_down [E, H, I] in (out, in) orientation, any strides (GPT-OSS: transposed views).
+at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Tensor& weights,
+                     const at::Tensor& w_gate_up, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_gate_up,
+                     const c10::optional<at::Tensor>& b_down, int64_t act, double alpha, double limit,
+                     bool interleaved, int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 2 && w_gate_up.dim() == 3 && w_down.dim() == 3, "moekern: moe_dense shapes");
+  const Kernels* kern = variant(isa);
+  const int64_t E = w_gate_up.size(0), I = w_down.size(2), H = x_in.size(1);
+  TORCH_CHECK(w_gate_up.size(1) == 2 * I && w_gate_up.size(2) == H && w_down.size(0) == E && w_down.size(1) == H,
+              "moekern: expert weights [E, 2I, H] and [E, H, I] do not match hidden ", H);
+  Routing r = sort_pairs(ids, weights, E);
+  if (r.rows == 0) return sum_slots(r, at::Tensor(), H, x_in.scalar_type());
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, r.row_begin[e + 1] - r.row_begin[e]);
+  const auto wt = w_gate_up.scalar_type();
+  const bool fused = max_rows <= kDenseFusedMaxRows && !interleaved && (wt == at::kFloat || wt == at::kBFloat16) &&
+                     w_down.scalar_type() == wt && w_gate_up.stride(2) == 1 && w_down.stride(2) == 1;
+  auto part = alloc({r.rows, H}, at::kFloat);
+  if (!fused) {
+    auto x = x_in.contiguous();
+    auto tok = at::from_blob(r.token_of.data(), {r.rows}, at::kLong);
+    auto rw = at::from_blob(r.weight_of.data(), {r.rows, 1}, at::kFloat);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = r.row_begin[e], r1 = r.row_begin[e + 1];
+      if (r0 == r1) continue;
+      auto xe = x.index_select(0, tok.slice(0, r0, r1));
+      auto h = at::matmul(xe, w_gate_up[e].t());
+      if (b_gate_up.has_value()) h = h + (*b_gate_up)[e];
+      auto y = at::matmul(gated_act(h, act, alpha, limit, interleaved), w_down[e].t());
+      if (b_down.has_value()) y = y + (*b_down)[e];
+      part.slice(0, r0, r1).copy_(y.to(at::kFloat) * rw.slice(0, r0, r1));
+    }
+    return sum_slots(r, part, H, x_in.scalar_type());
+  }
+  auto x = x_in.to(at::kFloat).contiguous();
+  auto bgu = fp32_bias(b_gate_up, E, 2 * I, "gate_up bias");
+  auto bd = fp32_bias(b_down, E, H, "down bias");
+  DenseWeight dgu{w_gate_up.data_ptr(), w_gate_up.stride(0), w_gate_up.stride(1), 2 * I, H,
+                  wt == at::kFloat ? DT_F32 : DT_BF16};
+  DenseWeight dd{w_down.data_ptr(), w_down.stride(0), w_down.stride(1), H, I, dgu.dtype};
+  auto hidden = alloc({r.rows, I}, at::kFloat);
+  GemmJob job{};
+  job.dense = &dgu;
+  job.xdense = x.data_ptr<float>();
+  job.ld_xdense = H;
+  job.row_begin = r.row_begin.data();
+  job.act_row = r.token_of.data();
+  job.bias = bgu.defined() ? bgu.data_ptr<float>() : nullptr;
+  job.bias_stride = 2 * I;
+  job.gated = true;
+  job.act = (int)act;
+  job.alpha = (float)alpha;
+  job.limit = (float)limit;
+  job.out_cols = I;
+  job.gate_rows_padded = I;
+  job.out = hidden.data_ptr<float>();
+  job.ld_out = I;
+  const int64_t gate_tiles = (I + TILE_N - 1) / TILE_N;
+  Items items = make_items(r, gate_tiles, E);
+  job.item_expert = items.expert.data();
+  job.item_tile0 = items.tile0.data();
+  job.item_tile1 = items.tile1.data();
+  run_gemm(kern, job, items);
+
+  std::vector<int64_t> rows_id(r.rows);
+  for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
+  GemmJob down_job{};
+  down_job.dense = &dd;
+  down_job.xdense = hidden.data_ptr<float>();
+  down_job.ld_xdense = I;
+  down_job.row_begin = r.row_begin.data();
+  down_job.act_row = rows_id.data();
+  down_job.row_weight = r.weight_of.data();
+  down_job.bias = bd.defined() ? bd.data_ptr<float>() : nullptr;
+  down_job.bias_stride = H;
+  down_job.out_cols = H;
+  down_job.out = part.data_ptr<float>();
+  down_job.ld_out = H;
+  Items ditems = make_items(r, (H + TILE_N - 1) / TILE_N, E);
+  down_job.item_expert = ditems.expert.data();
+  down_job.item_tile0 = ditems.tile0.data();
+  down_job.item_tile1 = ditems.tile1.data();
+  run_gemm(kern, down_job, ditems);
+  return sum_slots(r, part, H, x_in.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Introspection and the bandwidth probe
+// ---------------------------------------------------------------------------------------------------------------------
+int64_t read_bytes(const at::Tensor& buf, int64_t isa) {
+  const Kernels* kern = variant(isa);
+  auto b = buf.contiguous();
+  const int64_t bytes = b.numel() * b.element_size();
+  const char* p = (const char*)b.data_ptr();
+  const int64_t chunk = 1 << 20;
+  std::atomic<uint64_t> total{0};
+  parallel((bytes + chunk - 1) / chunk, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * chunk, hi = std::min(bytes, c1 * chunk);
+    total += kern->read_sum(p + lo, hi - lo);
+  });
+  return (int64_t)total.load();
+}
+
+std::string isa_name(int64_t isa) { return variant(isa)->name; }
+
+}  // namespace
+}  // namespace moekern_cpu
+
+TORCH_LIBRARY(moekern_cpu, m) {
+  using namespace moekern_cpu;
+  m.def("best_isa() -> int", [] { return best_isa(); });
+  m.def("isa_name(int isa) -> str", &isa_name);
+  m.def("cpu_flags() -> str", [] { return cpu_flags(); });
+  m.def("has_bf16_dot() -> bool", [] { return cpu_has_bf16_dot(); });
+  m.def("set_poison(bool on) -> bool", [](bool on) {
+    const bool before = g_poison;
+    g_poison = on;
+    return before;
+  });
+  m.def("repack_q4(Tensor qweight, Tensor scales, Tensor zeros, int rows) -> Tensor[]", &repack_q4);
+  m.def("moe_q4(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_up, Tensor[] down, int inter, Tensor? b_gate_up, "
+        "Tensor? b_down, Tensor? in_scale_gate_up, Tensor? in_scale_down, int act, float alpha, float limit, "
+        "int inner, int isa) -> Tensor",
+        &moe_q4);
+  m.def("linear_q4(Tensor x, Tensor[] w, int n, Tensor? bias, Tensor? in_scale, int inner, int isa) -> Tensor",
+        &linear_q4);
+  m.def("moe_dense(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down, Tensor? b_gate_up, "
+        "Tensor? b_down, int act, float alpha, float limit, bool interleaved, int isa) -> Tensor",
+        &moe_dense);
+  m.def("read_bytes(Tensor buf, int isa) -> int", &read_bytes);
+}
