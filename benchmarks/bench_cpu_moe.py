@@ -126,10 +126,10 @@ def bench_model(name, args, bandwidth) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     act = Activation("silu")
     rows = []
-    # 4-bit: random codes in moekern's layout, repacked as QuantizedExperts does on first use
-    gate_up4 = cpu.repack(*random_4bit(experts, 2 * inter, hidden, args.group, gen), rows="halves")
-    down4 = cpu.repack(*random_4bit(experts, hidden, inter, args.group, gen))
-    per_expert = {"4-bit": (gate_up4.nbytes + down4.nbytes) // experts}
+    # 4-bit: random codes in moekern's layout, fp32 scales (an fp32 model's), as QuantizedExperts holds them
+    gate_up4 = random_4bit(experts, 2 * inter, hidden, args.group, gen)
+    down4 = random_4bit(experts, hidden, inter, args.group, gen)
+    per_expert = {"4-bit": sum(t.numel() * t.element_size() for t in (*gate_up4, *down4)) // experts}
     dense = {}
     for dtype in args.dtypes:
         module = hf_experts(hidden, inter, experts, top_k, getattr(torch, dtype), gen)

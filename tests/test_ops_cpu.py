@@ -2,7 +2,7 @@
 variant this CPU runs (avx512, avx2, portable: MOEKERN_CPU_ISA forces each) and every inner product: 4-bit with group
 sizes 8 to 128, SiLU and GPT-OSS's interleaved clamped SwiGLU with biases, AWQ input scales, odd sizes, one token,
 empty experts, every expert dropped, every slot skipped; dense fp32 and bf16 (the fused kernel and the GEMM path);
-the 4-bit Linear. Every buffer the C++ ops allocate is poisoned first (NaN, or a wild integer), so an element read
+the 4-bit Linear; bf16 and fp16 scales. Every buffer the C++ ops allocate is poisoned first (NaN, or a wild integer), so an element read
 before it is written fails.
 
 Bounds, relative to the largest output element:
@@ -118,9 +118,7 @@ def test_4bit_moe_equals_reference(isa, inner, case, monkeypatch):
     b1, b2 = (torch.randn(experts, 2 * inter), torch.randn(experts, hidden)) if bias else (None, None)
     s1, s2 = (torch.rand(experts, hidden) + 0.5, torch.rand(experts, inter) + 0.5) if scales else (None, None)
     ids, weights = random_routing(tokens, experts, k, skip)
-    rows = "interleaved" if act_kind == "clamped_swiglu" else "halves"
-    gate_up, down = cpu.repack(*p1, rows=rows), cpu.repack(*p2)
-    got = cpu.moe_experts_4bit(x, ids, weights, gate_up, down, cpu.halves_bias(b1, act), b2, s1, s2, act)
+    got = cpu.moe_experts_4bit(x, ids, weights, p1, p2, b1, b2, s1, s2, act)
     eff1 = w1 if s1 is None else w1 * s1[:, None, :]
     eff2 = w2 if s2 is None else w2 * s2[:, None, :]
     expected = R.moe_experts(x, ids, weights, eff1, eff2, b1, b2, act)
@@ -129,7 +127,7 @@ def test_4bit_moe_equals_reference(isa, inner, case, monkeypatch):
     if inner == "int8":
         emulated = int8_emulation(x, ids, weights, w1, w2, b1, b2, act, s1, s2, group)
         assert rel(got, emulated) <= FP32_BOUND
-    again = cpu.moe_experts_4bit(x, ids, weights, gate_up, down, cpu.halves_bias(b1, act), b2, s1, s2, act)
+    again = cpu.moe_experts_4bit(x, ids, weights, p1, p2, b1, b2, s1, s2, act)
     assert torch.equal(got, again), "not deterministic"
 
 
@@ -140,10 +138,10 @@ def test_4bit_nothing_to_compute_gives_zeros(isa, what):
     experts = 0 if what == "every expert dropped" else 3
     (p1, _), (p2, _) = quant4(max(experts, 1), 32, 64, 32), quant4(max(experts, 1), 64, 16, 16)
     if experts == 0:
-        p1, p2 = [t[:0] for t in p1], [t[:0] for t in p2]
+        p1, p2 = tuple(t[:0] for t in p1), tuple(t[:0] for t in p2)
     x = torch.randn(5, 64)
     ids = torch.full((5, 2), R.NO_EXPERT)
-    out = cpu.moe_experts_4bit(x, ids, torch.rand(5, 2), cpu.repack(*p1, rows="halves"), cpu.repack(*p2))
+    out = cpu.moe_experts_4bit(x, ids, torch.rand(5, 2), p1, p2)
     assert torch.equal(out, torch.zeros(5, 64))
 
 
@@ -154,8 +152,7 @@ def test_4bit_bf16_and_fp16_activations(isa):
     ids, weights = random_routing(6, 4, 2)
     expected = R.moe_experts(x, ids, weights, w1, w2)
     for dtype in (torch.bfloat16, torch.float16):
-        gate_up = cpu.repack(p1[0], p1[1].to(dtype), p1[2], rows="halves")
-        down = cpu.repack(p2[0], p2[1].to(dtype), p2[2])
+        gate_up, down = (p1[0], p1[1].to(dtype), p1[2]), (p2[0], p2[1].to(dtype), p2[2])
         got = cpu.moe_experts_4bit(x.to(dtype), ids, weights, gate_up, down)
         assert got.dtype == dtype and rel(got, expected) <= INT8_BOUND + 1e-2
 
@@ -195,7 +192,7 @@ def test_dense_gpt_oss_transposed_with_biases(isa):
 def test_4bit_linear(isa, inner, monkeypatch):
     monkeypatch.setenv("MOEKERN_CPU_INNER", inner)
     (packed, w) = quant4(1, 40, 96, 32)
-    weight = cpu.repack(packed[0][0], packed[1][0], packed[2][0])
+    weight = tuple(t[0] for t in packed)
     x, bias, scale = torch.randn(3, 5, 96), torch.randn(40), torch.rand(96) + 0.5
     expected = torch.nn.functional.linear(x * scale, w[0], bias)
     got = cpu.linear_4bit(x, weight, bias, scale)
@@ -206,7 +203,7 @@ def test_4bit_linear(isa, inner, monkeypatch):
 def test_variants_agree_and_bad_choices_are_clear(monkeypatch):
     """The same INT8 arithmetic in every variant (up to the order of fp32 sums); a bad choice names the options."""
     (p1, _), (p2, _) = quant4(3, 64, 64, 32), quant4(3, 64, 32, 32)
-    gate_up, down = cpu.repack(*p1, rows="halves"), cpu.repack(*p2)
+    gate_up, down = p1, p2
     x = torch.randn(4, 64)
     ids, weights = random_routing(4, 3, 2)
     outs = {}

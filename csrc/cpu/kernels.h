@@ -6,20 +6,23 @@
 
 namespace moekern_cpu {
 
-// The repacked 4-bit weight (built once at load time by ops.cpp from moekern's layout, never saved).
-// W [E, N, K] is cut into tiles of TILE_N output rows; a tile is K / 8 steps of 64 bytes: step s, lane n (0..15),
-// byte i (0..3) holds q[n, 8s + i] in its low nibble and q[n, 8s + 4 + i] in its high nibble. So one 64-byte load
-// gives, per 32-bit lane (output row), 4 consecutive k in the low nibbles and the next 4 in the high nibbles: the
-// operand of one vpdpbusd each, after a mask or a shift and a mask.
+// A stacked 4-bit weight W [E, N, K] read where it lies, in moekern's layout (moekern/quant/layout.py):
+//   qweight int32 [E, K/8, N]: word [e, s, n] holds q[n, 8s + j] in bits 4j..4j+3
+//   scales [E, K/G, N] (fp32, bf16 or fp16), zeros uint8 [E, K/G, N]
+// The kernels take TILE_N = 16 consecutive output rows at a time: one k-step of a tile is 16 words, 64 bytes in a
+// row, whose bytes hold q[n, 8s + 2i] in the low nibble and q[n, 8s + 2i + 1] in the high one (i = 0..3). So a mask
+// (or a shift and a mask) gives, per 32-bit lane, 4 codes of even (or odd) k: the operand of one vpdpbusd; the
+// activations are laid out to match (prepare_rows). Consecutive k-steps of a tile are 4N bytes apart, so the cores
+// prefetch the steps ahead.
 constexpr int TILE_N = 16;
 constexpr int STEP_K = 8;
-constexpr int STEP_BYTES = 64;
 
 struct Q4Weight {
-  const uint8_t* q;       // [E, tiles, K / 8, 64]
-  const float* scales;    // [E, tiles, K / G, 16]   (0 in padded rows)
-  const uint8_t* zeros;   // [E, tiles, K / G, 16]
-  int64_t n, k, group, tiles;
+  const uint8_t* q;       // qweight
+  const void* scales;
+  const uint8_t* zeros;
+  int scale_dtype;        // DT_F32, DT_BF16 or DT_F16
+  int64_t n, k, group;
 };
 
 struct DenseWeight {      // W [E, N, K] with unit stride along K
@@ -52,13 +55,16 @@ struct Prepared {
   int inner;
 };
 
-// One GEMM over the experts' row lists. Work item w covers expert item_expert[w], tiles [item_tile0[w],
+// One GEMM over the experts' row lists. Work item w covers expert item_expert[w], output tiles [item_tile0[w],
 // item_tile1[w]). Expert e's rows are r = row_begin[e] .. row_begin[e + 1] - 1 (positions in the sorted pair list):
 // it reads prepared activation row act_row[r] and writes output row r.
-//   gated (gate_up): output tile t of I columns = act(gate rows of tile t + bias, up rows of tile t + bias): gate
-//     rows first, up rows from row gate_rows_padded (4-bit: I rounded up to a tile, GPT-OSS deinterleaved at
-//     repack; dense: I); the bias in the same halves order [E, 2I].
-//   not gated (down): out = row_weight[r] * (acc + bias).
+//   GATED_HALVES (gate_up, gate rows then up rows): output tile t, columns 16t.. of I = act(gate rows 16t.. + bias,
+//     up rows I + 16t.. + bias), bias [E, 2I] in the weight's row order.
+//   GATED_INTERLEAVED (GPT-OSS: gate row 2i, up row 2i + 1; 4-bit only): output tile t is weight rows 16t..16t+15,
+//     columns 8t..8t+7.
+//   NOT_GATED (down): out = row_weight[r] * (acc + bias).
+enum Gated : int { NOT_GATED = 0, GATED_HALVES = 1, GATED_INTERLEAVED = 2 };
+
 struct GemmJob {
   const Q4Weight* q4;       // one of q4 / dense
   const DenseWeight* dense;
@@ -73,11 +79,10 @@ struct GemmJob {
   const float* row_weight;  // not gated only
   const float* bias;        // [E, bias_stride] fp32 or null (gated: [gate | up] halves after repack)
   int64_t bias_stride;
-  bool gated;
+  int gated;
   int act;
   float alpha, limit;
   int64_t out_cols;         // I (gated) or N
-  int64_t gate_rows_padded; // gated: the first up row
   float* out;               // [rows, ld_out] fp32
   int64_t ld_out;
 };

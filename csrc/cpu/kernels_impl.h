@@ -63,11 +63,14 @@ static inline float load_as_f32(const void* p, int dtype, int64_t i) {
 
 static inline float sigmoidf_(float v) { return 1.0f / (1.0f + __builtin_expf(-v)); }
 
-// The order of the 8 inputs of one step as the codes come out of a 64-byte step (see kernels.h):
-// FP32 takes nibble j of each 32-bit lane in turn (bits 4j..4j+3: k = 0, 4, 1, 5, 2, 6, 3, 7);
-// BF16 takes 16-bit word pairs after a shift of 4j bits: (0, 2), (4, 6), (1, 3), (5, 7).
-static const int kFp32Order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-static const int kBf16Order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+// The order of the 8 inputs of one k-step as the codes come out of its 64 bytes (see kernels.h):
+// INT8 takes the low nibbles (k = 0, 2, 4, 6) with one vpdpbusd and the high nibbles (1, 3, 5, 7) with another;
+// BF16 takes 16-bit word pairs after a shift of 4j bits: (j, 4 + j); FP32 takes nibble j, k = j: no reordering.
+static const int kInt8Order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+static const int kBf16Order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+// k-steps prefetched ahead of the one being read: a tile's steps lie 4N bytes apart, a stride no hardware prefetcher
+// follows across pages; 32 steps keep enough lines in flight to stream at the memory's pace.
+#define MK_PREFETCH_STEPS 32
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Activation rows for the 4-bit GEMM
@@ -97,10 +100,12 @@ static void prepare_rows(const void* src, int src_dtype, int64_t ld_src, const i
         }
         const float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t s = 0;
-        for (int64_t i = 0; i < ab; ++i) {
-          const int32_t qv = (int32_t)__builtin_nearbyintf(x[i] * inv);
-          xq[b * ab + i] = (int8_t)qv;
-          s += qv;
+        for (int64_t i0 = 0; i0 < ab; i0 += STEP_K) {
+          for (int i = 0; i < STEP_K; ++i) {
+            const int32_t qv = (int32_t)__builtin_nearbyintf(x[i0 + kInt8Order[i]] * inv);
+            xq[b * ab + i0 + i] = (int8_t)qv;
+            s += qv;
+          }
         }
         d[b] = db;
         sums[b] = s;
@@ -125,7 +130,7 @@ static void prepare_rows(const void* src, int src_dtype, int64_t ld_src, const i
           gsum[k0 / G] += s;
         } else {
           float* xf = (float*)out.xa + r * K + k0;
-          for (int i = 0; i < STEP_K; ++i) xf[i] = buf[kFp32Order[i]];
+          for (int i = 0; i < STEP_K; ++i) xf[i] = buf[i];
         }
       }
     }
@@ -133,7 +138,7 @@ static void prepare_rows(const void* src, int src_dtype, int64_t ld_src, const i
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// 4-bit tile cores: out[m][0..15] = the 16 output rows of tile `t` of expert `e` for MB activation rows.
+// 4-bit tile cores: out[m][0..15] = the 16 weight rows n0..n0+15 of one expert for MB activation rows.
 // ---------------------------------------------------------------------------------------------------------------------
 struct TileRows {  // the activation rows of one block of MB
   const int8_t* xq[8];
@@ -142,23 +147,46 @@ struct TileRows {  // the activation rows of one block of MB
   const void* xa[8];
 };
 
+struct Tile {              // where one tile's data lie
+  const uint8_t* q;        // qweight[e, 0, n0]; k-step s at q + s * ldq
+  int64_t ldq;             // 4N bytes
+  const void* s;           // scales[e, 0, n0]; group g at + g * n elements
+  const uint8_t* z;        // zeros[e, 0, n0]
+  int64_t n;               // the row stride of scales and zeros (N)
+  int sdt;                 // scales' dtype
+  int lanes;               // valid rows (16 but at the end of N)
+};
+
 #if MOEKERN_ISA_LEVEL >= 3
+static inline __m512 scales16(const void* p, int dtype) {
+  if (dtype == DT_F32) return _mm512_loadu_ps(p);
+  const __m256i h = _mm256_loadu_si256((const __m256i*)p);
+  if (dtype == DT_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline const void* scale_row(const Tile& t, int64_t g) {
+  return (const char*)t.s + g * t.n * (t.sdt == DT_F32 ? 4 : 2);
+}
+
 template <int MB>
-static inline void q4_int8_avx512(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
-                                  int64_t ab, const TileRows& x, float (*out)[TILE_N]) {
+static inline void q4_int8_avx512(const Tile& t, int64_t K, int64_t G, int64_t ab, const TileRows& x,
+                                  float (*out)[TILE_N]) {
   __m512 accf[MB];
   for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   const int64_t nb_per_g = G / ab;
   for (int64_t g = 0; g < K / G; ++g) {
-    const __m512 s = _mm512_loadu_ps(st + g * TILE_N);
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + g * TILE_N)));
+    const __m512 s = scales16(scale_row(t, g), t.sdt);
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(t.z + g * t.n)));
     for (int64_t b = 0; b < nb_per_g; ++b) {
       const int64_t blk = g * nb_per_g + b, k0 = blk * ab;
       __m512i acc[MB];
       for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_si512();
       for (int64_t kk = k0; kk < k0 + ab; kk += STEP_K) {
-        const __m512i v = _mm512_loadu_si512((const void*)(qt + (kk / STEP_K) * STEP_BYTES));
+        const uint8_t* p = t.q + (kk / STEP_K) * t.ldq;
+        _mm_prefetch((const char*)(p + MK_PREFETCH_STEPS * t.ldq), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512((const void*)p);
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int m = 0; m < MB; ++m) {
@@ -180,27 +208,24 @@ static inline void q4_int8_avx512(const uint8_t* qt, const float* st, const uint
 }
 
 template <int MB>
-static inline void q4_fp32_avx512(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
-                                  const TileRows& x, float (*out)[TILE_N]) {
+static inline void q4_fp32_avx512(const Tile& t, int64_t K, int64_t G, const TileRows& x, float (*out)[TILE_N]) {
   __m512 accf[MB];
   for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t g = 0; g < K / G; ++g) {
-    const __m512 s = _mm512_loadu_ps(st + g * TILE_N);
-    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + g * TILE_N))));
+    const __m512 s = scales16(scale_row(t, g), t.sdt);
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(t.z + g * t.n))));
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
-      const __m512i v = _mm512_loadu_si512((const void*)(qt + (kk / STEP_K) * STEP_BYTES));
-#define MK_FP32_STEP(j)                                                                                      \
-  {                                                                                                          \
-    const __m512 w = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (j)), table), z);         \
-    for (int m = 0; m < MB; ++m)                                                                             \
-      acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(((const float*)x.xa[m])[kk + (j)]), acc[m]);               \
-  }
-      MK_FP32_STEP(0) MK_FP32_STEP(1) MK_FP32_STEP(2) MK_FP32_STEP(3)
-      MK_FP32_STEP(4) MK_FP32_STEP(5) MK_FP32_STEP(6) MK_FP32_STEP(7)
-#undef MK_FP32_STEP
+      const uint8_t* p = t.q + (kk / STEP_K) * t.ldq;
+      _mm_prefetch((const char*)(p + MK_PREFETCH_STEPS * t.ldq), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512((const void*)p);
+      for (int j = 0; j < 8; ++j) {  // (q - z) exactly in fp32, then the reference's products
+        const __m512 w = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * j), table), z);
+        for (int m = 0; m < MB; ++m)
+          acc[m] = _mm512_fmadd_ps(w, _mm512_set1_ps(((const float*)x.xa[m])[kk + j]), acc[m]);
+      }
     }
     for (int m = 0; m < MB; ++m) accf[m] = _mm512_fmadd_ps(acc[m], s, accf[m]);
   }
@@ -208,9 +233,8 @@ static inline void q4_fp32_avx512(const uint8_t* qt, const float* st, const uint
 }
 
 template <int MB>
-__attribute__((target("avx512bf16"))) static inline void q4_bf16_avx512(
-    const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G, const TileRows& x,
-    float (*out)[TILE_N]) {
+__attribute__((target("avx512bf16"))) static inline void q4_bf16_avx512(const Tile& t, int64_t K, int64_t G,
+                                                                        const TileRows& x, float (*out)[TILE_N]) {
   __m512 accf[MB];
   for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
   // bf16 bits of 0..15, twice: vpermw reads 5 index bits, the fifth being a bit of the next nibble
@@ -219,12 +243,14 @@ __attribute__((target("avx512bf16"))) static inline void q4_bf16_avx512(
       0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
       0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
   for (int64_t g = 0; g < K / G; ++g) {
-    const __m512 s = _mm512_loadu_ps(st + g * TILE_N);
-    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zt + g * TILE_N))));
+    const __m512 s = scales16(scale_row(t, g), t.sdt);
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(t.z + g * t.n))));
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
-      const __m512i v = _mm512_loadu_si512((const void*)(qt + (kk / STEP_K) * STEP_BYTES));
+      const uint8_t* p = t.q + (kk / STEP_K) * t.ldq;
+      _mm_prefetch((const char*)(p + MK_PREFETCH_STEPS * t.ldq), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512((const void*)p);
       for (int j = 0; j < 4; ++j) {
         const __m512i w = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4 * j), table);
         for (int m = 0; m < MB; ++m) {
@@ -244,11 +270,23 @@ __attribute__((target("avx512bf16"))) static inline void q4_bf16_avx512(
 #endif  // MOEKERN_ISA_LEVEL >= 3
 
 #if MOEKERN_ISA_LEVEL == 2
+static inline __m256 scales8(const void* p, int dtype) {
+  if (dtype == DT_F32) return _mm256_loadu_ps((const float*)p);
+  const __m128i h = _mm_loadu_si128((const __m128i*)p);
+  if (dtype == DT_F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline const void* scale_at(const Tile& t, int64_t g, int h) {
+  const int esz = t.sdt == DT_F32 ? 4 : 2;
+  return (const char*)t.s + (g * t.n + 8 * h) * esz;
+}
+
 // AVX2: a 64-byte step is two registers of 8 lanes; vpmaddubsw + vpmaddwd stand in for vpdpbusd (no overflow: the
 // codes are at most 15, so a pair of products is at most 2 * 15 * 127 in int16).
 template <int MB>
-static inline void q4_int8_avx2(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
-                                int64_t ab, const TileRows& x, float (*out)[TILE_N]) {
+static inline void q4_int8_avx2(const Tile& t, int64_t K, int64_t G, int64_t ab, const TileRows& x,
+                                float (*out)[TILE_N]) {
   __m256 accf[MB][2];
   for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -257,15 +295,16 @@ static inline void q4_int8_avx2(const uint8_t* qt, const float* st, const uint8_
     __m256 s[2];
     __m256i z[2];
     for (int h = 0; h < 2; ++h) {
-      s[h] = _mm256_loadu_ps(st + g * TILE_N + 8 * h);
-      z[h] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zt + g * TILE_N + 8 * h)));
+      s[h] = scales8(scale_at(t, g, h), t.sdt);
+      z[h] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(t.z + g * t.n + 8 * h)));
     }
     for (int64_t b = 0; b < nb_per_g; ++b) {
       const int64_t blk = g * nb_per_g + b, k0 = blk * ab;
       __m256i acc[MB][2];
       for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
       for (int64_t kk = k0; kk < k0 + ab; kk += STEP_K) {
-        const uint8_t* p = qt + (kk / STEP_K) * STEP_BYTES;
+        const uint8_t* p = t.q + (kk / STEP_K) * t.ldq;
+        _mm_prefetch((const char*)(p + MK_PREFETCH_STEPS * t.ldq), _MM_HINT_T0);
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * h));
           const __m256i lo = _mm256_and_si256(v, low);
@@ -296,19 +335,20 @@ static inline void q4_int8_avx2(const uint8_t* qt, const float* st, const uint8_
 }
 
 template <int MB>
-static inline void q4_fp32_avx2(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
-                                const TileRows& x, float (*out)[TILE_N]) {
+static inline void q4_fp32_avx2(const Tile& t, int64_t K, int64_t G, const TileRows& x, float (*out)[TILE_N]) {
   __m256 accf[MB][2];
   for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi32(0x0F);
   for (int64_t g = 0; g < K / G; ++g) {
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = _mm256_loadu_ps(st + g * TILE_N + 8 * h);
-      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zt + g * TILE_N + 8 * h)));
+      const __m256 s = scales8(scale_at(t, g, h), t.sdt);
+      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(t.z + g * t.n + 8 * h)));
       __m256 acc[MB];
       for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
       for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(qt + (kk / STEP_K) * STEP_BYTES + 32 * h));
+        const uint8_t* p = t.q + (kk / STEP_K) * t.ldq + 32 * h;
+        _mm_prefetch((const char*)(p + MK_PREFETCH_STEPS * t.ldq), _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256((const __m256i*)p);
         for (int j = 0; j < 8; ++j) {
           const __m256i q = _mm256_and_si256(_mm256_srli_epi32(v, 4 * j), low);
           const __m256 w = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, z));
@@ -326,21 +366,22 @@ static inline void q4_fp32_avx2(const uint8_t* qt, const float* st, const uint8_
 }
 #endif  // MOEKERN_ISA_LEVEL == 2
 
-// Portable: the same arithmetic lane by lane (int32 inner sums for INT8, so the variants agree to float rounding).
-[[maybe_unused]] static void q4_int8_scalar(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G, int64_t ab,
-                           const TileRows& x, int mb, float (*out)[TILE_N]) {
+// Portable (and every variant's tiles at the end of N): the same arithmetic lane by lane (int32 inner sums for INT8,
+// so the variants agree to the order of fp32 sums). Lanes past t.lanes give 0 and are never read.
+[[maybe_unused]] static void q4_int8_scalar(const Tile& t, int64_t K, int64_t G, int64_t ab, const TileRows& x, int mb,
+                                            float (*out)[TILE_N]) {
   const int64_t nb_per_g = G / ab;
   for (int m = 0; m < mb; ++m) {
     for (int lane = 0; lane < TILE_N; ++lane) {
       float accf = 0.0f;
-      for (int64_t g = 0; g < K / G; ++g) {
-        const float s = st[g * TILE_N + lane];
-        const int32_t z = zt[g * TILE_N + lane];
+      for (int64_t g = 0; lane < t.lanes && g < K / G; ++g) {
+        const float s = load_as_f32(t.s, t.sdt, g * t.n + lane);
+        const int32_t z = t.z[g * t.n + lane];
         for (int64_t b = 0; b < nb_per_g; ++b) {
           const int64_t blk = g * nb_per_g + b, k0 = blk * ab;
           int32_t acc = 0;
           for (int64_t kk = k0; kk < k0 + ab; kk += STEP_K) {
-            const uint8_t* p = qt + (kk / STEP_K) * STEP_BYTES + lane * 4;
+            const uint8_t* p = t.q + (kk / STEP_K) * t.ldq + lane * 4;
             for (int i = 0; i < 4; ++i) {
               acc += int32_t(p[i] & 0xF) * x.xq[m][kk + i];
               acc += int32_t(p[i] >> 4) * x.xq[m][kk + 4 + i];
@@ -354,22 +395,45 @@ static inline void q4_fp32_avx2(const uint8_t* qt, const float* st, const uint8_
   }
 }
 
-[[maybe_unused]] static void q4_fp32_scalar(const uint8_t* qt, const float* st, const uint8_t* zt, int64_t K, int64_t G,
-                           const TileRows& x, int mb, float (*out)[TILE_N]) {
+[[maybe_unused]] static void q4_fp32_scalar(const Tile& t, int64_t K, int64_t G, const TileRows& x, int mb,
+                                            float (*out)[TILE_N]) {
   for (int m = 0; m < mb; ++m) {
     const float* xf = (const float*)x.xa[m];
     for (int lane = 0; lane < TILE_N; ++lane) {
       float accf = 0.0f;
-      for (int64_t g = 0; g < K / G; ++g) {
-        const float s = st[g * TILE_N + lane];
-        const int32_t z = zt[g * TILE_N + lane];
+      for (int64_t g = 0; lane < t.lanes && g < K / G; ++g) {
+        const float s = load_as_f32(t.s, t.sdt, g * t.n + lane);
+        const int32_t z = t.z[g * t.n + lane];
         float acc = 0.0f;
         for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
           uint32_t word;
-          __builtin_memcpy(&word, qt + (kk / STEP_K) * STEP_BYTES + lane * 4, 4);
+          __builtin_memcpy(&word, t.q + (kk / STEP_K) * t.ldq + lane * 4, 4);
           for (int j = 0; j < 8; ++j) acc += float(int32_t((word >> (4 * j)) & 0xF) - z) * xf[kk + j];
         }
         accf += acc * s;
+      }
+      out[m][lane] = accf;
+    }
+  }
+}
+
+[[maybe_unused]] static void q4_bf16_scalar(const Tile& t, int64_t K, int64_t G, const TileRows& x, int mb,
+                                            float (*out)[TILE_N]) {
+  for (int m = 0; m < mb; ++m) {
+    const uint16_t* xb = (const uint16_t*)x.xa[m];
+    for (int lane = 0; lane < TILE_N; ++lane) {
+      float accf = 0.0f;
+      for (int64_t g = 0; lane < t.lanes && g < K / G; ++g) {
+        float acc = 0.0f;
+        for (int64_t kk = g * G; kk < (g + 1) * G; kk += STEP_K) {
+          uint32_t word;
+          __builtin_memcpy(&word, t.q + (kk / STEP_K) * t.ldq + lane * 4, 4);
+          for (int j = 0; j < 4; ++j)  // pair j holds x[k + j] and x[k + 4 + j]
+            acc += float((word >> (4 * j)) & 0xF) * bf16_to_f32(xb[kk + 2 * j]) +
+                   float((word >> (4 * (4 + j))) & 0xF) * bf16_to_f32(xb[kk + 2 * j + 1]);
+        }
+        const float z = float(t.z[g * t.n + lane]);
+        accf += (acc - z * x.xs[m][g]) * load_as_f32(t.s, t.sdt, g * t.n + lane);
       }
       out[m][lane] = accf;
     }
@@ -387,52 +451,66 @@ static inline void q4_fp32_avx2(const uint8_t* qt, const float* st, const uint8_
 #define MK_MB 4
 #endif
 
-// Dispatch one block of mb (1..MK_MB_*) rows to the core of the job's inner product.
-static void q4_tile(const Q4Weight& w, int64_t e, int64_t t, const Prepared& p, const TileRows& x, int mb,
+// Weight rows n0..n0+15 of expert e for one block of mb (1..MK_MB_*) activation rows, by the job's inner product.
+static void q4_tile(const Q4Weight& w, int64_t e, int64_t n0, const Prepared& p, const TileRows& x, int mb,
                     float (*out)[TILE_N]) {
-  const int64_t K = w.k, G = w.group, tile = e * w.tiles + t;
-  const uint8_t* qt = w.q + tile * (K / STEP_K) * STEP_BYTES;
-  const float* st = w.scales + tile * (K / G) * TILE_N;
-  const uint8_t* zt = w.zeros + tile * (K / G) * TILE_N;
+  const int64_t K = w.k, G = w.group, N = w.n;
+  const int esz = w.scale_dtype == DT_F32 ? 4 : 2;
+  Tile t;
+  t.q = w.q + (e * (K / STEP_K) * N + n0) * 4;
+  t.ldq = N * 4;
+  t.s = (const char*)w.scales + (e * (K / G) * N + n0) * esz;
+  t.z = w.zeros + e * (K / G) * N + n0;
+  t.n = N;
+  t.sdt = w.scale_dtype;
+  t.lanes = (int)mk_min(TILE_N, N - n0);
+  if (t.lanes < TILE_N) {  // the last tile of a width that is not a multiple of 16: never read past the weight
+    if (p.inner == INNER_INT8) return q4_int8_scalar(t, K, G, p.block, x, mb, out);
+    if (p.inner == INNER_BF16) return q4_bf16_scalar(t, K, G, x, mb, out);
+    return q4_fp32_scalar(t, K, G, x, mb, out);
+  }
 #if MOEKERN_ISA_LEVEL >= 3
-#define MK_CASE(N, CALL) case N: CALL; return;
+#define MK_CASE(N_, CALL) \
+  case N_:                \
+    CALL;                 \
+    return;
   if (p.inner == INNER_INT8) {
     switch (mb) {
-      MK_CASE(1, (q4_int8_avx512<1>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(2, (q4_int8_avx512<2>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(3, (q4_int8_avx512<3>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(4, (q4_int8_avx512<4>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(5, (q4_int8_avx512<5>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(6, (q4_int8_avx512<6>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(7, (q4_int8_avx512<7>(qt, st, zt, K, G, p.block, x, out)))
-      MK_CASE(8, (q4_int8_avx512<8>(qt, st, zt, K, G, p.block, x, out)))
+      MK_CASE(1, (q4_int8_avx512<1>(t, K, G, p.block, x, out)))
+      MK_CASE(2, (q4_int8_avx512<2>(t, K, G, p.block, x, out)))
+      MK_CASE(3, (q4_int8_avx512<3>(t, K, G, p.block, x, out)))
+      MK_CASE(4, (q4_int8_avx512<4>(t, K, G, p.block, x, out)))
+      MK_CASE(5, (q4_int8_avx512<5>(t, K, G, p.block, x, out)))
+      MK_CASE(6, (q4_int8_avx512<6>(t, K, G, p.block, x, out)))
+      MK_CASE(7, (q4_int8_avx512<7>(t, K, G, p.block, x, out)))
+      MK_CASE(8, (q4_int8_avx512<8>(t, K, G, p.block, x, out)))
     }
   } else if (p.inner == INNER_BF16) {
     switch (mb) {
-      MK_CASE(1, (q4_bf16_avx512<1>(qt, st, zt, K, G, x, out)))
-      MK_CASE(2, (q4_bf16_avx512<2>(qt, st, zt, K, G, x, out)))
-      MK_CASE(3, (q4_bf16_avx512<3>(qt, st, zt, K, G, x, out)))
-      MK_CASE(4, (q4_bf16_avx512<4>(qt, st, zt, K, G, x, out)))
+      MK_CASE(1, (q4_bf16_avx512<1>(t, K, G, x, out)))
+      MK_CASE(2, (q4_bf16_avx512<2>(t, K, G, x, out)))
+      MK_CASE(3, (q4_bf16_avx512<3>(t, K, G, x, out)))
+      MK_CASE(4, (q4_bf16_avx512<4>(t, K, G, x, out)))
     }
   } else {
     switch (mb) {
-      MK_CASE(1, (q4_fp32_avx512<1>(qt, st, zt, K, G, x, out)))
-      MK_CASE(2, (q4_fp32_avx512<2>(qt, st, zt, K, G, x, out)))
-      MK_CASE(3, (q4_fp32_avx512<3>(qt, st, zt, K, G, x, out)))
-      MK_CASE(4, (q4_fp32_avx512<4>(qt, st, zt, K, G, x, out)))
+      MK_CASE(1, (q4_fp32_avx512<1>(t, K, G, x, out)))
+      MK_CASE(2, (q4_fp32_avx512<2>(t, K, G, x, out)))
+      MK_CASE(3, (q4_fp32_avx512<3>(t, K, G, x, out)))
+      MK_CASE(4, (q4_fp32_avx512<4>(t, K, G, x, out)))
     }
   }
 #undef MK_CASE
 #elif MOEKERN_ISA_LEVEL == 2
   if (p.inner == INNER_INT8) {
-    if (mb == 1) return q4_int8_avx2<1>(qt, st, zt, K, G, p.block, x, out);
-    return q4_int8_avx2<2>(qt, st, zt, K, G, p.block, x, out);
+    if (mb == 1) return q4_int8_avx2<1>(t, K, G, p.block, x, out);
+    return q4_int8_avx2<2>(t, K, G, p.block, x, out);
   }
-  if (mb == 1) return q4_fp32_avx2<1>(qt, st, zt, K, G, x, out);
-  return q4_fp32_avx2<2>(qt, st, zt, K, G, x, out);
+  if (mb == 1) return q4_fp32_avx2<1>(t, K, G, x, out);
+  return q4_fp32_avx2<2>(t, K, G, x, out);
 #else
-  if (p.inner == INNER_INT8) return q4_int8_scalar(qt, st, zt, K, G, p.block, x, mb, out);
-  return q4_fp32_scalar(qt, st, zt, K, G, x, mb, out);
+  if (p.inner == INNER_INT8) return q4_int8_scalar(t, K, G, p.block, x, mb, out);
+  return q4_fp32_scalar(t, K, G, x, mb, out);
 #endif
 }
 
@@ -560,14 +638,15 @@ static inline float gated(float g, float u, int act, float alpha, float limit) {
 static void gemm(const GemmJob& job, int64_t item0, int64_t item1) {
   const bool q4 = job.q4 != nullptr;
   const int mbmax = q4 ? (job.x.inner == INNER_INT8 ? MK_MB_INT8 : MK_MB) : MK_MB;
-  const int64_t up_tile0 = q4 ? job.gate_rows_padded / TILE_N : 0;
+  const bool interleaved = job.gated == GATED_INTERLEAVED;  // 4-bit only (ops.cpp sends dense GPT-OSS to ATen)
+  const int cols_per_tile = interleaved ? TILE_N / 2 : TILE_N;
   float a[8][TILE_N], b[8][TILE_N];
   for (int64_t item = item0; item < item1; ++item) {
     const int64_t e = job.item_expert[item];
     const int64_t r0 = job.row_begin[e], r1 = job.row_begin[e + 1];
     for (int64_t t = job.item_tile0[item]; t < job.item_tile1[item]; ++t) {
-      const int64_t col0 = t * TILE_N;
-      const int ncols = (int)mk_min(TILE_N, job.out_cols - col0);
+      const int64_t col0 = t * cols_per_tile, row0 = t * TILE_N;
+      const int ncols = (int)mk_min(cols_per_tile, job.out_cols - col0);
       for (int64_t rb = r0; rb < r1; rb += mbmax) {
         const int mb = (int)mk_min(mbmax, r1 - rb);
         if (q4) {
@@ -581,23 +660,32 @@ static void gemm(const GemmJob& job, int64_t item0, int64_t item1) {
             x.xs[m] = p.xs + ar * p.nscale;
             x.xi[m] = p.xi ? p.xi + ar * p.nscale : nullptr;
           }
-          q4_tile(*job.q4, e, t, p, x, mb, a);
-          if (job.gated) q4_tile(*job.q4, e, up_tile0 + t, p, x, mb, b);
+          q4_tile(*job.q4, e, row0, p, x, mb, a);
+          if (job.gated == GATED_HALVES) q4_tile(*job.q4, e, job.out_cols + row0, p, x, mb, b);
         } else {
           const float* x[8];
           for (int m = 0; m < mb; ++m) x[m] = (const float*)job.xdense + job.act_row[rb + m] * job.ld_xdense;
-          dense_tile(*job.dense, e, col0, ncols, x, mb, a);
-          if (job.gated) dense_tile(*job.dense, e, job.gate_rows_padded + col0, ncols, x, mb, b);
+          dense_tile(*job.dense, e, row0, ncols, x, mb, a);
+          if (job.gated == GATED_HALVES) dense_tile(*job.dense, e, job.out_cols + row0, ncols, x, mb, b);
         }
         const float* bias = job.bias ? job.bias + e * job.bias_stride : nullptr;
         for (int m = 0; m < mb; ++m) {
           float* o = job.out + (rb + m) * job.ld_out + col0;
-          if (job.gated) {
+          if (job.gated == GATED_HALVES) {
             for (int i = 0; i < ncols; ++i) {
               float g = a[m][i], u = b[m][i];
               if (bias) {
                 g += bias[col0 + i];
                 u += bias[job.out_cols + col0 + i];
+              }
+              o[i] = gated(g, u, job.act, job.alpha, job.limit);
+            }
+          } else if (interleaved) {
+            for (int i = 0; i < ncols; ++i) {
+              float g = a[m][2 * i], u = a[m][2 * i + 1];
+              if (bias) {
+                g += bias[row0 + 2 * i];
+                u += bias[row0 + 2 * i + 1];
               }
               o[i] = gated(g, u, job.act, job.alpha, job.limit);
             }

@@ -210,88 +210,32 @@ at::Tensor fp32_bias(const c10::optional<at::Tensor>& b, int64_t E, int64_t widt
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// 4-bit: repack and the fused MoE
+// 4-bit: the fused MoE, reading moekern's layout where it lies
 // ---------------------------------------------------------------------------------------------------------------------
-// moekern's layout (qweight int32 [E, K/8, N], scales [E, K/G, N], zeros uint8 [E, K/G, N]) -> the CPU tiles
-// (kernels.h). rows: "plain" keeps the N rows; "halves" (gate_up: gate rows then up rows) pads each half to whole
-// tiles; "interleaved" (GPT-OSS gate_up: gate and up rows alternate) also puts the gate rows first.
-std::vector<at::Tensor> repack_q4(const at::Tensor& qweight_in, const at::Tensor& scales_in, const at::Tensor& zeros_in,
-                                  int64_t rows) {
-  TORCH_CHECK(qweight_in.dim() == 3 && qweight_in.scalar_type() == at::kInt, "moekern: qweight must be int32 [E, K/8, N]");
-  TORCH_CHECK(zeros_in.scalar_type() == at::kByte, "moekern: zeros must be uint8");
-  TORCH_CHECK(scales_in.dim() == 3 && zeros_in.sizes() == scales_in.sizes(), "moekern: scales and zeros must be [E, K/G, N]");
-  auto qweight = qweight_in.contiguous();
-  auto scales = scales_in.to(at::kFloat).contiguous();
-  auto zeros = zeros_in.contiguous();
+// qweight int32 [E, K/8, N], scales [E, K/G, N] (fp32, bf16 or fp16), zeros uint8 [E, K/G, N] (a 2-D weight: E = 1).
+Q4Weight q4_view(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, const char* what) {
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(), "moekern: ", what,
+              " qweight must be a contiguous int32 [E, K/8, N]");
+  TORCH_CHECK(scales.dim() == 3 && scales.is_contiguous() && zeros.sizes() == scales.sizes() && zeros.is_contiguous() &&
+                  zeros.scalar_type() == at::kByte,
+              "moekern: ", what, " scales and zeros must be contiguous [E, K/G, N], zeros uint8");
   const int64_t E = qweight.size(0), K = qweight.size(1) * 8, N = qweight.size(2), ngroups = scales.size(1);
-  TORCH_CHECK(scales.size(0) == E && scales.size(2) == N && ngroups > 0 && K % ngroups == 0,
-              "moekern: scales [E, K/G, N] do not match qweight ", qweight.sizes());
-  const int64_t G = K / ngroups;
-  TORCH_CHECK(G % 8 == 0, "moekern: the 4-bit CPU kernels need a group size that is a multiple of 8, got ", G);
-  int64_t half = N, half_padded = (N + TILE_N - 1) / TILE_N * TILE_N, padded = half_padded;
-  if (rows != 0) {
-    TORCH_CHECK(N % 2 == 0, "moekern: a gate_up weight has an even number of rows, got ", N);
-    half = N / 2;
-    half_padded = (half + TILE_N - 1) / TILE_N * TILE_N;
-    padded = 2 * half_padded;
-  }
-  const int64_t tiles = padded / TILE_N;
-  // source row of each padded row, -1 for padding
-  std::vector<int64_t> src(padded, -1);
-  for (int64_t i = 0; i < padded; ++i) {
-    if (rows == 0) {
-      src[i] = i < N ? i : -1;
-    } else {
-      const int64_t h = i / half_padded, j = i % half_padded;
-      if (j < half) src[i] = rows == 1 ? h * half + j : 2 * j + h;
-    }
-  }
-  auto q = alloc({E, tiles, K / 8, STEP_BYTES}, at::kByte);
-  auto s = alloc({E, tiles, ngroups, TILE_N}, at::kFloat);
-  auto z = alloc({E, tiles, ngroups, TILE_N}, at::kByte);
-  const int32_t* qw = qweight.data_ptr<int32_t>();
-  const float* sp = scales.data_ptr<float>();
-  const uint8_t* zp = zeros.data_ptr<uint8_t>();
-  uint8_t* qo = q.data_ptr<uint8_t>();
-  float* so = s.data_ptr<float>();
-  uint8_t* zo = z.data_ptr<uint8_t>();
-  parallel(E * tiles, [&](int64_t b, int64_t e_) {
-    for (int64_t et = b; et < e_; ++et) {
-      const int64_t e = et / tiles, t = et % tiles;
-      for (int lane = 0; lane < TILE_N; ++lane) {
-        const int64_t n = src[t * TILE_N + lane];
-        for (int64_t step = 0; step < K / 8; ++step) {
-          const uint32_t word = n < 0 ? 0u : (uint32_t)qw[(e * (K / 8) + step) * N + n];
-          uint8_t* dst = qo + ((et * (K / 8) + step) * STEP_BYTES) + lane * 4;
-          for (int i = 0; i < 4; ++i)
-            dst[i] = uint8_t(((word >> (4 * i)) & 0xF) | (((word >> (4 * (4 + i))) & 0xF) << 4));
-        }
-        for (int64_t g = 0; g < ngroups; ++g) {
-          so[(et * ngroups + g) * TILE_N + lane] = n < 0 ? 0.0f : sp[(e * ngroups + g) * N + n];
-          zo[(et * ngroups + g) * TILE_N + lane] = n < 0 ? 0 : zp[(e * ngroups + g) * N + n];
-        }
-      }
-    }
-  });
-  return {q, s, z};
-}
-
-Q4Weight q4_view(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t n) {
-  TORCH_CHECK(q.dim() == 4 && q.size(3) == STEP_BYTES && q.scalar_type() == at::kByte && q.is_contiguous(),
-              "moekern: not a repacked 4-bit weight (use moekern.ops.cpu.repack)");
-  TORCH_CHECK(s.dim() == 4 && s.size(3) == TILE_N && s.scalar_type() == at::kFloat && s.is_contiguous() &&
-                  z.sizes() == s.sizes() && z.is_contiguous(),
-              "moekern: repacked scales/zeros do not match");
+  TORCH_CHECK(scales.size(0) == E && scales.size(2) == N && ngroups > 0 && K % ngroups == 0 &&
+                  (K / ngroups) % 8 == 0,
+              "moekern: ", what, " scales ", scales.sizes(), " do not match qweight ", qweight.sizes(),
+              " (the group size must be a multiple of 8 that divides the input width)");
   Q4Weight w;
-  w.q = q.data_ptr<uint8_t>();
-  w.scales = s.data_ptr<float>();
-  w.zeros = z.data_ptr<uint8_t>();
-  w.n = n;
-  w.k = q.size(2) * STEP_K;
-  w.group = w.k / s.size(2);
-  w.tiles = q.size(1);
+  w.q = (const uint8_t*)qweight.data_ptr<int32_t>();
+  w.scales = scales.data_ptr();
+  w.scale_dtype = dtype_code(scales.scalar_type());
+  w.zeros = zeros.data_ptr<uint8_t>();
+  w.n = N;
+  w.k = K;
+  w.group = K / ngroups;
   return w;
 }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t int8_block(int64_t group) { return group % 32 == 0 ? 32 : (group % 16 == 0 ? 16 : 8); }
 
@@ -345,24 +289,26 @@ at::Tensor in_scale_fp32(const c10::optional<at::Tensor>& s, int64_t E, int64_t 
   return s->to(at::kFloat).contiguous();
 }
 
-// x [T, H]; ids, weights [T, k]; gate_up and down repacked by repack_q4 (gate_up with rows "halves" or
-// "interleaved"); biases [E, 2I] (gate rows first, as repacked) and [E, H]; AWQ input scales [E, H] and [E, I].
+// x [T, H]; ids, weights [T, k]; gate_up (qweight [E, H/8, 2I], ...) and down (qweight [E, I/8, H], ...) in moekern's
+// layout, gate rows then up rows, or alternating (interleaved: GPT-OSS); biases [E, 2I] in the same row order and
+// [E, H]; AWQ input scales [E, H] and [E, I].
 at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tensor& weights, at::TensorList gate_up,
-                  at::TensorList down, int64_t inter, const c10::optional<at::Tensor>& b_gate_up,
+                  at::TensorList down, const c10::optional<at::Tensor>& b_gate_up,
                   const c10::optional<at::Tensor>& b_down, const c10::optional<at::Tensor>& in_scale_gate_up,
                   const c10::optional<at::Tensor>& in_scale_down, int64_t act, double alpha, double limit,
-                  int64_t inner_in, int64_t isa) {
+                  bool interleaved, int64_t inner_in, int64_t isa) {
   TORCH_CHECK(x_in.dim() == 2, "moekern: hidden states must be [tokens, hidden]");
-  TORCH_CHECK(gate_up.size() == 3 && down.size() == 3, "moekern: a repacked weight is (q, scales, zeros)");
+  TORCH_CHECK(gate_up.size() == 3 && down.size() == 3, "moekern: a 4-bit weight is (qweight, scales, zeros)");
   const Kernels* kern = variant(isa);
   const int inner = resolve_inner(kern, isa, inner_in);
   auto x = x_in.contiguous();
   const int64_t H = x.size(1), E = gate_up[0].size(0);
-  Q4Weight wgu = q4_view(gate_up[0], gate_up[1], gate_up[2], 2 * inter);
-  Q4Weight wd = q4_view(down[0], down[1], down[2], H);
-  TORCH_CHECK(wgu.k == H && wd.k == inter && down[0].size(0) == E && wd.tiles * TILE_N >= H &&
-                  wgu.tiles * TILE_N >= 2 * inter,
-              "moekern: 4-bit weights do not match hidden ", H, " and intermediate ", inter);
+  Q4Weight wgu = q4_view(gate_up[0], gate_up[1], gate_up[2], "gate_up");
+  Q4Weight wd = q4_view(down[0], down[1], down[2], "down");
+  const int64_t inter = wd.k;
+  TORCH_CHECK(wgu.k == H && wgu.n == 2 * inter && wd.n == H && down[0].size(0) == E,
+              "moekern: 4-bit weights gate_up [E, H/8, 2I] ", gate_up[0].sizes(), " and down [E, I/8, H] ",
+              down[0].sizes(), " do not match hidden ", H);
   Routing r = sort_pairs(ids, weights, E);
   auto bgu = fp32_bias(b_gate_up, E, 2 * inter, "gate_up bias");
   auto bd = fp32_bias(b_down, E, H, "down bias");
@@ -384,15 +330,14 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   job.act_row = act_row.data();
   job.bias = bgu.defined() ? bgu.data_ptr<float>() : nullptr;
   job.bias_stride = 2 * inter;
-  job.gated = true;
+  job.gated = interleaved ? GATED_INTERLEAVED : GATED_HALVES;
   job.act = (int)act;
   job.alpha = (float)alpha;
   job.limit = (float)limit;
   job.out_cols = inter;
-  job.gate_rows_padded = wgu.tiles / 2 * TILE_N;
   job.out = hidden.data_ptr<float>();
   job.ld_out = inter;
-  Items items = make_items(r, wgu.tiles / 2, E);
+  Items items = make_items(r, interleaved ? ceil_div(inter, TILE_N / 2) : ceil_div(inter, TILE_N), E);
   job.item_expert = items.expert.data();
   job.item_tile0 = items.tile0.data();
   job.item_tile1 = items.tile1.data();
@@ -411,11 +356,11 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   down_job.row_weight = r.weight_of.data();
   down_job.bias = bd.defined() ? bd.data_ptr<float>() : nullptr;
   down_job.bias_stride = H;
-  down_job.gated = false;
+  down_job.gated = NOT_GATED;
   down_job.out_cols = H;
   down_job.out = part.data_ptr<float>();
   down_job.ld_out = H;
-  Items ditems = make_items(r, wd.tiles, E);
+  Items ditems = make_items(r, ceil_div(H, TILE_N), E);
   down_job.item_expert = ditems.expert.data();
   down_job.item_tile0 = ditems.tile0.data();
   down_job.item_tile1 = ditems.tile1.data();
@@ -423,15 +368,18 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   return sum_slots(r, part, H, x.scalar_type());
 }
 
-// A 4-bit Linear: x [T, K] -> [T, N] (moekern.modules.quant.QuantizedLinear), weight repacked "plain" with E = 1.
-at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, int64_t n, const c10::optional<at::Tensor>& bias,
+// A 4-bit Linear: x [T, K] -> [T, N] (moekern.modules.quant.QuantizedLinear): qweight [K/8, N], scales and zeros
+// [K/G, N].
+at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& in_scale, int64_t inner_in, int64_t isa) {
-  TORCH_CHECK(x_in.dim() == 2 && w.size() == 3, "moekern: linear_q4 takes x [T, K] and a repacked weight");
+  TORCH_CHECK(x_in.dim() == 2 && w.size() == 3 && w[0].dim() == 2, "moekern: linear_q4 takes x [T, K] and a 4-bit "
+              "weight (qweight [K/8, N], scales, zeros)");
   const Kernels* kern = variant(isa);
   const int inner = resolve_inner(kern, isa, inner_in);
   auto x = x_in.contiguous();
-  Q4Weight wq = q4_view(w[0], w[1], w[2], n);
-  TORCH_CHECK(w[0].size(0) == 1 && wq.k == x.size(1), "moekern: linear_q4 weight does not match the input");
+  Q4Weight wq = q4_view(w[0].unsqueeze(0), w[1].unsqueeze(0), w[2].unsqueeze(0), "linear");
+  const int64_t n = wq.n;
+  TORCH_CHECK(wq.k == x.size(1), "moekern: linear_q4 weight of input width ", wq.k, " for inputs of ", x.size(1));
   const int64_t T = x.size(0);
   auto out32 = alloc({T, n}, at::kFloat);
   if (T == 0) return out32.to(x.scalar_type());
@@ -453,7 +401,7 @@ at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, int64_t n, const 
   job.ld_out = n;
   Routing one;
   one.row_begin = row_begin;
-  Items items = make_items(one, wq.tiles, 1);
+  Items items = make_items(one, ceil_div(n, TILE_N), 1);
   job.item_expert = items.expert.data();
   job.item_tile0 = items.tile0.data();
   job.item_tile1 = items.tile1.data();
@@ -533,12 +481,11 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   job.act_row = r.token_of.data();
   job.bias = bgu.defined() ? bgu.data_ptr<float>() : nullptr;
   job.bias_stride = 2 * I;
-  job.gated = true;
+  job.gated = GATED_HALVES;
   job.act = (int)act;
   job.alpha = (float)alpha;
   job.limit = (float)limit;
   job.out_cols = I;
-  job.gate_rows_padded = I;
   job.out = hidden.data_ptr<float>();
   job.ld_out = I;
   const int64_t gate_tiles = (I + TILE_N - 1) / TILE_N;
@@ -603,13 +550,11 @@ TORCH_LIBRARY(moekern_cpu, m) {
     g_poison = on;
     return before;
   });
-  m.def("repack_q4(Tensor qweight, Tensor scales, Tensor zeros, int rows) -> Tensor[]", &repack_q4);
-  m.def("moe_q4(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_up, Tensor[] down, int inter, Tensor? b_gate_up, "
+  m.def("moe_q4(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_up, Tensor[] down, Tensor? b_gate_up, "
         "Tensor? b_down, Tensor? in_scale_gate_up, Tensor? in_scale_down, int act, float alpha, float limit, "
-        "int inner, int isa) -> Tensor",
+        "bool interleaved, int inner, int isa) -> Tensor",
         &moe_q4);
-  m.def("linear_q4(Tensor x, Tensor[] w, int n, Tensor? bias, Tensor? in_scale, int inner, int isa) -> Tensor",
-        &linear_q4);
+  m.def("linear_q4(Tensor x, Tensor[] w, Tensor? bias, Tensor? in_scale, int inner, int isa) -> Tensor", &linear_q4);
   m.def("moe_dense(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down, Tensor? b_gate_up, "
         "Tensor? b_down, int act, float alpha, float limit, bool interleaved, int isa) -> Tensor",
         &moe_dense);

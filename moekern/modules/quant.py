@@ -2,8 +2,7 @@
 
 Their reference forward dequantizes, then runs the same matmuls as the 16-bit path (reference.moe_experts for the
 experts, F.linear for the Linear): the oracle of the 4-bit kernels. On the CPU the C++ kernels (moekern.ops.cpu) run
-instead where moekern.ops.backend says so, on a copy of the packed weights in their tiles, made on first use and kept
-on the module (not in its state_dict: what is saved stays moekern's layout). Every tensor is a persistent buffer with a
+instead where moekern.ops.backend says so, reading the same buffers. Every tensor is a persistent buffer with a
 stable name, so a quantized model round-trips through moekern.save / moekern.load (checkpoint.replay rebuilds these
 modules from the names and shapes on disk before the weights are assigned).
 
@@ -68,19 +67,10 @@ class QuantizedExperts(nn.Module):
         """The fused 4-bit MoE of the C++ CPU kernels."""
         from moekern.ops import cpu
 
-        gate_up, down, b_gate_up = _cpu_repack(self, self._cpu_weights_of)
-        return cpu.moe_experts_4bit(hidden, ids, weights, gate_up, down, b_gate_up,
-                                    getattr(self, "down_proj_bias", None),
-                                    getattr(self, "gate_up_proj_input_scale", None),
-                                    getattr(self, "down_proj_input_scale", None), self.act)
-
-    def _cpu_weights_of(self):
-        from moekern.ops import cpu
-
-        rows = "interleaved" if self.act.kind == "clamped_swiglu" else "halves"
-        gate_up = cpu.repack(*self.packed("gate_up_proj")[:3], rows=rows)
-        down = cpu.repack(*self.packed("down_proj")[:3])
-        return gate_up, down, cpu.halves_bias(getattr(self, "gate_up_proj_bias", None), self.act)
+        gate_up, down = self.packed("gate_up_proj"), self.packed("down_proj")
+        return cpu.moe_experts_4bit(hidden, ids, weights, gate_up[:3], down[:3],
+                                    getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None),
+                                    gate_up[3], down[3], self.act)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         from moekern.modules.experts import experts_forward  # the one dispatch point (kernels hook in there)
@@ -131,8 +121,8 @@ class QuantizedLinear(nn.Module):
         if backend.linear_path(x.device, x.dtype) == "cpu":
             from moekern.ops import cpu
 
-            (weight,) = _cpu_repack(self, lambda: (cpu.repack(self.qweight, self.scales, self.zeros),))
-            return cpu.linear_4bit(x, weight, getattr(self, "bias", None), input_scale)
+            return cpu.linear_4bit(x, (self.qweight, self.scales, self.zeros), getattr(self, "bias", None),
+                                   input_scale)
         if input_scale is not None:
             x = x * input_scale
         w = layout.dequantize(self.qweight, self.scales, self.zeros)
@@ -141,13 +131,3 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit, group {self.group_size}"
 
-
-def _cpu_repack(module: nn.Module, make):
-    """The CPU kernels' copy of a module's packed weights, made by make() and kept on the module until one of its
-    buffers is replaced or changed in place (Expert Drop slices them; quantization writes them)."""
-    key = tuple((name, b.data_ptr(), b._version, tuple(b.shape)) for name, b in module.named_buffers(recurse=False))
-    cached = module.__dict__.get("_cpu_repacked")
-    if cached is None or cached[0] != key:
-        cached = (key, make())
-        module.__dict__["_cpu_repacked"] = cached
-    return cached[1]

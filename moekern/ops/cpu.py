@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -172,49 +171,16 @@ def cpu_flags() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4-bit weights: the CPU repack (built at load/patch time, kept on the module, never saved)
+# The ops. 4-bit weights are read where they lie, in moekern's layout (moekern.quant.layout): no second copy.
 # ----------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuQuant4:
-    """A stacked 4-bit weight [E, N, K] in the CPU kernels' tiles (csrc/cpu/kernels.h), from moekern's layout."""
-
-    tensors: tuple  # (q uint8 [E, tiles, K/8, 64], scales fp32 [E, tiles, K/G, 16], zeros uint8 [E, tiles, K/G, 16])
-    n: int  # rows of W (gate_up: 2I)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-
-ROWS = {"plain": 0, "halves": 1, "interleaved": 2}
-
-
-def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, rows: str = "plain") -> CpuQuant4:
-    """moekern's layout (qweight int32 [E, K/8, N], scales [E, K/G, N], zeros uint8 [E, K/G, N]; a 2-D weight is one
-    expert) -> CpuQuant4. rows: "plain", "halves" (gate_up: gate rows then up rows) or "interleaved" (GPT-OSS's
-    alternating gate/up rows, put in halves)."""
-    if qweight.dim() == 2:
-        qweight, scales, zeros = qweight[None], scales[None], zeros[None]
-    tensors = ops().repack_q4(qweight, scales, zeros, ROWS[rows])
-    return CpuQuant4(tuple(tensors), qweight.shape[-1])
-
-
-def halves_bias(bias: torch.Tensor | None, act: Activation) -> torch.Tensor | None:
-    """A gate_up bias [E, 2I] in the row order of the repacked weight (GPT-OSS's interleaved rows put in halves)."""
-    if bias is None:
-        return None
-    bias = bias.float()
-    if act.kind == "clamped_swiglu":
-        bias = torch.cat([bias[:, ::2], bias[:, 1::2]], dim=1)
-    return bias.contiguous()
-
-
-def moe_experts_4bit(x, ids, weights, gate_up: CpuQuant4, down: CpuQuant4, b_gate_up=None, b_down=None,
+def moe_experts_4bit(x, ids, weights, gate_up: tuple, down: tuple, b_gate_up=None, b_down=None,
                      in_scale_gate_up=None, in_scale_down=None, act: Activation = Activation()):
     """reference.moe_experts on 4-bit weights: x [T, H], ids / weights [T, k] (NO_EXPERT slots skipped) -> [T, H].
-    b_gate_up in the repacked row order (halves_bias)."""
-    return ops().moe_q4(x, ids, weights, list(gate_up.tensors), list(down.tensors), gate_up.n // 2, b_gate_up, b_down,
-                        in_scale_gate_up, in_scale_down, ACTS[act.kind], act.alpha, act.limit, inner(), isa())
+    gate_up, down: (qweight, scales, zeros) of W [E, 2I, H] and [E, H, I] in moekern's layout; GPT-OSS's clamped
+    SwiGLU reads its gate/up rows interleaved, as stored."""
+    return ops().moe_q4(x, ids, weights, list(gate_up), list(down), b_gate_up, b_down, in_scale_gate_up,
+                        in_scale_down, ACTS[act.kind], act.alpha, act.limit, act.kind == "clamped_swiglu", inner(),
+                        isa())
 
 
 def moe_experts_dense(x, ids, weights, w_gate_up, w_down, b_gate_up=None, b_down=None, act: Activation = Activation()):
@@ -223,12 +189,10 @@ def moe_experts_dense(x, ids, weights, w_gate_up, w_down, b_gate_up=None, b_down
                            act.limit, act.kind == "clamped_swiglu", isa())
 
 
-def linear_4bit(x: torch.Tensor, weight: CpuQuant4, bias=None, input_scale=None) -> torch.Tensor:
-    """F.linear(x * input_scale, dequantize(W), bias) for x [..., K]."""
-    lead = x.shape[:-1]
-    out = ops().linear_q4(x.reshape(-1, x.shape[-1]), list(weight.tensors), weight.n, bias, input_scale, inner(),
-                          isa())
-    return out.reshape(*lead, weight.n)
+def linear_4bit(x: torch.Tensor, weight: tuple, bias=None, input_scale=None) -> torch.Tensor:
+    """F.linear(x * input_scale, dequantize(W), bias) for x [..., K]; weight: (qweight [K/8, N], scales, zeros)."""
+    out = ops().linear_q4(x.reshape(-1, x.shape[-1]), list(weight), bias, input_scale, inner(), isa())
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def read_bytes(buffer: torch.Tensor) -> int:
