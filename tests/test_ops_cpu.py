@@ -229,3 +229,41 @@ def test_auto_picks_the_best_variant_this_cpu_has():
     flags = cpu.cpu_flags().split()
     best = "avx512" if "avx512vnni" in flags else ("avx2" if "avx2" in flags else "portable")
     assert os.environ.get("MOEKERN_CPU_ISA", "auto") != "auto" or cpu.isa_name() == best
+
+
+ROUTERS = {
+    "mixtral": R.RouterSpec("softmax", 2, renormalize=True),
+    "olmoe": R.RouterSpec("softmax", 3),
+    "deepseek_v2": R.RouterSpec("softmax", 2, scaling=2.5, n_group=4, topk_group=2, group_score="max"),
+    "deepseek_v3": R.RouterSpec("sigmoid", 3, renormalize=True, scaling=1.5, n_group=4, topk_group=2,
+                                group_score="top2_sum"),
+    "gpt_oss": R.RouterSpec("topk_softmax", 2),
+}
+
+
+@pytest.mark.parametrize("family", list(ROUTERS))
+@pytest.mark.parametrize("tokens,experts", [(1, 8), (19, 16), (11, 60)])
+def test_router_equals_reference(family, tokens, experts):
+    """The C++ router: every family's scoring, dropped experts (all but k, too), correction bias, per-token skip,
+    and the mapping of ids to stored rows after Expert Drop."""
+    spec = ROUTERS[family]
+    if experts % spec.n_group:
+        spec = R.RouterSpec(spec.scoring, spec.top_k, spec.renormalize, spec.scaling)
+    logits = torch.randn(tokens, experts) * 2
+    some_dead = torch.rand(experts) > 0.3
+    some_dead[torch.randperm(experts)[: spec.top_k]] = True
+    only_k = torch.zeros(experts, dtype=torch.bool)
+    only_k[torch.randperm(experts)[: spec.top_k - 1]] = True  # fewer survivors than k: empty slots
+    bias = torch.randn(experts) * 0.3 if spec.scoring == "sigmoid" else None
+    for alive in (None, some_dead, only_k):
+        for beta in (None, 0.6):
+            w_ref, ids_ref = R.route(logits, spec, alive, bias, beta)
+            w, ids = cpu.route(logits, spec, alive, bias, beta)
+            assert ids.dtype == torch.int64 and w.dtype == torch.float32
+            assert torch.equal(ids, ids_ref), (ids, ids_ref)
+            torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+            if alive is not None:
+                row = torch.full((experts,), R.NO_EXPERT)
+                row[alive] = torch.arange(int(alive.sum()))
+                _, rows = cpu.route(logits, spec, alive, bias, beta, row)
+                assert torch.equal(rows, row[ids_ref.clamp(min=0)].masked_fill(ids_ref == R.NO_EXPERT, R.NO_EXPERT))

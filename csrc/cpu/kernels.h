@@ -77,7 +77,7 @@ struct GemmJob {
   const int64_t* row_begin;
   const int64_t* act_row;
   const float* row_weight;  // not gated only
-  const float* bias;        // [E, bias_stride] fp32 or null (gated: [gate | up] halves after repack)
+  const float* bias;        // [E, bias_stride] fp32 or null, in the weight's row order
   int64_t bias_stride;
   int gated;
   int act;

@@ -107,10 +107,16 @@ int dtype_code(at::ScalarType t) {
   TORCH_CHECK(false, "moekern: the CPU kernels take float32, bfloat16 or float16 activations, got ", t);
 }
 
+// Work of fewer bytes than this runs on the calling thread: waking the pool costs more than it saves (a small model's
+// layer, a decode step's activations).
+constexpr int64_t kParallelBytes = 1 << 18;
+
+// f(begin, end) over [0, n) on the intra-op threads, or inline where the whole range touches fewer than
+// kParallelBytes (`bytes`: an estimate of what it reads).
 template <typename F>
-void parallel(int64_t n, F&& f) {
+void parallel(int64_t n, int64_t bytes, F&& f) {
   if (n <= 0) return;
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { f(b, e); });
+  at::parallel_for(0, n, bytes < kParallelBytes ? n : 1, [&](int64_t b, int64_t e) { f(b, e); });
 }
 
 // The routed (token, slot) pairs sorted by expert, skipped slots (id < 0) left out.
@@ -186,7 +192,7 @@ at::Tensor sum_slots(const Routing& r, const at::Tensor& part, int64_t H, at::Sc
   auto acc = dtype == at::kFloat ? out : alloc({r.tokens, H}, at::kFloat);
   float* o = acc.data_ptr<float>();
   const float* pp = part.numel() ? part.data_ptr<float>() : nullptr;
-  parallel(r.tokens, [&](int64_t t0, int64_t t1) {
+  parallel(r.tokens, r.rows * H * 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* dst = o + t * H;
       std::fill(dst, dst + H, 0.0f);
@@ -265,7 +271,7 @@ PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, c
   const void* sp = src.data_ptr();
   const int dt = dtype_code(src.scalar_type());
   const int64_t ld = src.stride(0);
-  parallel(rows, [&](int64_t r0, int64_t r1) {
+  parallel(rows, rows * K * src.element_size(), [&](int64_t r0, int64_t r1) {
     kern->prepare_rows(sp, dt, ld, src_row, rows, sc, in_scale_row, sc_stride, b.p, r0, r1);
   });
   return b;
@@ -279,8 +285,11 @@ int resolve_inner(const Kernels* kern, int64_t isa, int64_t inner) {
   return (int)inner;
 }
 
-void run_gemm(const Kernels* kern, const GemmJob& job, const Items& items) {
-  parallel((int64_t)items.expert.size(), [&](int64_t b, int64_t e) { kern->gemm(job, b, e); });
+// bytes: the weight bytes one output tile reads.
+void run_gemm(const Kernels* kern, const GemmJob& job, const Items& items, int64_t tile_bytes) {
+  int64_t tiles = 0;
+  for (size_t i = 0; i < items.expert.size(); ++i) tiles += items.tile1[i] - items.tile0[i];
+  parallel((int64_t)items.expert.size(), tiles * tile_bytes, [&](int64_t b, int64_t e) { kern->gemm(job, b, e); });
 }
 
 at::Tensor in_scale_fp32(const c10::optional<at::Tensor>& s, int64_t E, int64_t K, const char* what) {
@@ -341,7 +350,7 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   job.item_expert = items.expert.data();
   job.item_tile0 = items.tile0.data();
   job.item_tile1 = items.tile1.data();
-  run_gemm(kern, job, items);
+  run_gemm(kern, job, items, (interleaved ? 8 : 16) * H);  // a tile's rows, K / 2 bytes each
 
   // down, times the routing weight
   std::vector<int64_t> rows_id(r.rows);
@@ -364,7 +373,7 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   down_job.item_expert = ditems.expert.data();
   down_job.item_tile0 = ditems.tile0.data();
   down_job.item_tile1 = ditems.tile1.data();
-  run_gemm(kern, down_job, ditems);
+  run_gemm(kern, down_job, ditems, 8 * inter);
   return sum_slots(r, part, H, x.scalar_type());
 }
 
@@ -405,7 +414,7 @@ at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, const c10::option
   job.item_expert = items.expert.data();
   job.item_tile0 = items.tile0.data();
   job.item_tile1 = items.tile1.data();
-  run_gemm(kern, job, items);
+  run_gemm(kern, job, items, 8 * wq.k);
   return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
 }
 
@@ -493,7 +502,7 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   job.item_expert = items.expert.data();
   job.item_tile0 = items.tile0.data();
   job.item_tile1 = items.tile1.data();
-  run_gemm(kern, job, items);
+  run_gemm(kern, job, items, 2 * TILE_N * H * w_gate_up.element_size());
 
   std::vector<int64_t> rows_id(r.rows);
   for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
@@ -513,8 +522,144 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   down_job.item_expert = ditems.expert.data();
   down_job.item_tile0 = ditems.tile0.data();
   down_job.item_tile1 = ditems.tile1.data();
-  run_gemm(kern, down_job, ditems);
+  run_gemm(kern, down_job, ditems, TILE_N * I * w_down.element_size());
   return sum_slots(r, part, H, x_in.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Routing: reference.route on the host, one token at a time (a few dozen floats each: a loop beats a dozen small
+// tensor ops per MoE layer at decode)
+// ---------------------------------------------------------------------------------------------------------------------
+enum Scoring : int64_t { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1, SCORE_TOPK_SOFTMAX = 2 };
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The k best of v[0..n) (the first index on ties), written to idx in decreasing order.
+void top_k(const float* v, int64_t n, int64_t k, int64_t* idx) {
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      bool taken = false;
+      for (int64_t q = 0; q < j && !taken; ++q) taken = idx[q] == i;
+      if (!taken && (best < 0 || v[i] > v[best])) best = i;
+    }
+    idx[j] = best;
+  }
+}
+
+// logits [T, E] -> (weights [T, k] fp32, ids [T, k] int64, rows [T, k] int64): reference.route, then each id's row
+// in the stored experts (expert_row, NO_EXPERT = -1 for a dropped one; ids where it is not given).
+std::vector<at::Tensor> route(const at::Tensor& logits_in, int64_t scoring, int64_t top_k_, bool renormalize,
+                              double scaling, int64_t n_group, int64_t topk_group, bool group_top2,
+                              const c10::optional<at::Tensor>& alive_in, const c10::optional<at::Tensor>& bias_in,
+                              double skip_beta, const c10::optional<at::Tensor>& expert_row_in) {
+  TORCH_CHECK(logits_in.dim() == 2, "moekern: router logits must be [tokens, experts]");
+  auto logits = logits_in.to(at::kFloat).contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = top_k_;
+  TORCH_CHECK(k >= 1 && k <= E && n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
+              "moekern: router top_k ", k, " / groups ", n_group, " do not fit ", E, " experts");
+  at::Tensor alive = alive_in.has_value() ? alive_in->to(at::kBool).contiguous() : at::Tensor();
+  at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor expert_row = expert_row_in.has_value() ? expert_row_in->to(at::kLong).contiguous() : at::Tensor();
+  auto weights = at::empty({T, k}, at::kFloat);
+  auto ids = at::empty({T, k}, at::kLong);
+  auto rows = expert_row.defined() ? at::empty({T, k}, at::kLong) : ids;
+  const float* lg = logits.data_ptr<float>();
+  const bool* al = alive.defined() ? alive.data_ptr<bool>() : nullptr;
+  const float* bs = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t* er = expert_row.defined() ? expert_row.data_ptr<int64_t>() : nullptr;
+  float* wo = weights.data_ptr<float>();
+  int64_t* io = ids.data_ptr<int64_t>();
+  int64_t* ro = rows.data_ptr<int64_t>();
+  std::vector<float> scores(E), choice(E), group_scores(n_group);
+  std::vector<int64_t> top(k), best_groups(topk_group);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = lg + t * E;
+    float* w = wo + t * k;
+    int64_t* id = io + t * k;
+    bool empty[64];
+    TORCH_CHECK(k <= 64, "moekern: top_k above 64");
+    if (scoring == SCORE_TOPK_SOFTMAX) {  // top-k of the logits, then a softmax over the k
+      for (int64_t e = 0; e < E; ++e) choice[e] = (al && !al[e]) ? kNegInf : l[e];
+      top_k(choice.data(), E, k, top.data());
+      const float m = choice[top[0]];
+      float sum = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        w[j] = std::exp(choice[top[j]] - m);
+        sum += w[j];
+      }
+      for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+    } else {
+      if (scoring == SCORE_SOFTMAX) {
+        float m = kNegInf, sum = 0.0f;
+        for (int64_t e = 0; e < E; ++e) {
+          scores[e] = (al && !al[e]) ? kNegInf : l[e];
+          m = std::max(m, scores[e]);
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          scores[e] = std::exp(scores[e] - m);
+          sum += scores[e];
+        }
+        for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+      } else {
+        for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-l[e]));
+      }
+      for (int64_t e = 0; e < E; ++e) choice[e] = (al && !al[e]) ? kNegInf : scores[e] + (bs ? bs[e] : 0.0f);
+      if (n_group > 1) {  // only experts of the topk_group best groups stay eligible
+        const int64_t per = E / n_group;
+        for (int64_t g = 0; g < n_group; ++g) {
+          const float* c = choice.data() + g * per;
+          if (!group_top2) {
+            float m = kNegInf;
+            for (int64_t i = 0; i < per; ++i) m = std::max(m, c[i]);
+            group_scores[g] = m;
+          } else {
+            int64_t two[2];
+            top_k(c, per, std::min<int64_t>(2, per), two);
+            const float a = c[two[0]], b = per > 1 ? c[two[1]] : kNegInf;
+            group_scores[g] = a == kNegInf ? kNegInf : a + (b == kNegInf ? 0.0f : b);
+          }
+        }
+        top_k(group_scores.data(), n_group, topk_group, best_groups.data());
+        for (int64_t g = 0; g < n_group; ++g) {
+          bool keep = false;
+          for (int64_t q = 0; q < topk_group; ++q) keep = keep || best_groups[q] == g;
+          if (!keep)
+            for (int64_t i = 0; i < per; ++i) choice[g * per + i] = kNegInf;
+        }
+      }
+      top_k(choice.data(), E, k, top.data());
+      float sum = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        w[j] = choice[top[j]] == kNegInf ? 0.0f : scores[top[j]];
+        sum += w[j];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        if (renormalize) w[j] /= sum;
+        w[j] *= (float)scaling;
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) {  // fewer eligible experts than k: those slots are empty
+      empty[j] = choice[top[j]] == kNegInf;
+      id[j] = empty[j] ? -1 : top[j];
+      if (empty[j]) w[j] = 0.0f;
+    }
+    if (skip_beta > 0) {  // per-token skip: slots under beta x the top weight, the rest rescaled to the same sum
+      float top_w = w[0], total = 0.0f, kept = 0.0f;
+      for (int64_t j = 0; j < k; ++j) top_w = std::max(top_w, w[j]);
+      bool skip[64];
+      for (int64_t j = 0; j < k; ++j) {
+        skip[j] = w[j] < (float)skip_beta * top_w;
+        total += w[j];
+        kept += skip[j] ? 0.0f : w[j];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        w[j] = skip[j] ? 0.0f : (kept > 0 ? w[j] * (total / kept) : 0.0f);
+        if (skip[j]) id[j] = -1;
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) ro[t * k + j] = er ? (id[j] < 0 ? -1 : er[id[j]]) : id[j];
+  }
+  return {weights, ids, rows};
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -527,7 +672,7 @@ int64_t read_bytes(const at::Tensor& buf, int64_t isa) {
   const char* p = (const char*)b.data_ptr();
   const int64_t chunk = 1 << 20;
   std::atomic<uint64_t> total{0};
-  parallel((bytes + chunk - 1) / chunk, [&](int64_t c0, int64_t c1) {
+  parallel((bytes + chunk - 1) / chunk, bytes, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * chunk, hi = std::min(bytes, c1 * chunk);
     total += kern->read_sum(p + lo, hi - lo);
   });
@@ -558,5 +703,8 @@ TORCH_LIBRARY(moekern_cpu, m) {
   m.def("moe_dense(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down, Tensor? b_gate_up, "
         "Tensor? b_down, int act, float alpha, float limit, bool interleaved, int isa) -> Tensor",
         &moe_dense);
+  m.def("route(Tensor logits, int scoring, int top_k, bool renormalize, float scaling, int n_group, int topk_group, "
+        "bool group_top2, Tensor? alive, Tensor? correction_bias, float skip_beta, Tensor? expert_row) -> Tensor[]",
+        &route);
   m.def("read_bytes(Tensor buf, int isa) -> int", &read_bytes);
 }

@@ -55,16 +55,25 @@ def experts_forward(
 _DENSE = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def route(logits, spec, alive, correction_bias, skip_beta):
-    """Router logits -> (weights, ids) for MoEBlock: the Triton routing kernel on the Triton backend (ids int32),
-    reference.route elsewhere (on the CPU a handful of small torch ops per layer, well under the experts' time).
-    Both mark a skipped slot or an empty one NO_EXPERT."""
-    if backend.backend_for(logits.device) == "triton":
+def route(logits, spec, alive, correction_bias, skip_beta, expert_row):
+    """Router logits -> (weights, rows) for MoEBlock: reference.route's weights and ids, each id then mapped to its
+    row in the stored experts (expert_row). The Triton routing kernel on the Triton backend, the C++ router on the CPU
+    kernels' (one loop per token instead of some twenty small tensor ops, which at decode cost more than the 4-bit
+    experts), reference.route elsewhere. A skipped slot or an empty one is NO_EXPERT."""
+    path = backend.backend_for(logits.device)
+    if path == "cpu":
+        from moekern.ops import cpu
+
+        return cpu.route(logits, spec, alive, correction_bias, skip_beta, expert_row)
+    if path == "triton":
         _triton_kernels(logits.device)  # sets up the interpreter on a CPU before the kernels' first import
         from moekern.ops import routing
 
-        return routing.route(logits, spec, alive, correction_bias, skip_beta)
-    return reference.route(logits, spec, alive, correction_bias, skip_beta)
+        weights, ids = routing.route(logits, spec, alive, correction_bias, skip_beta)
+    else:
+        weights, ids = reference.route(logits, spec, alive, correction_bias, skip_beta)
+    rows = expert_row[ids.clamp(min=0)].masked_fill(ids == reference.NO_EXPERT, reference.NO_EXPERT)
+    return weights, rows
 
 
 def _triton_kernels(device: torch.device):

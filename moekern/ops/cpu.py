@@ -195,6 +195,19 @@ def linear_4bit(x: torch.Tensor, weight: tuple, bias=None, input_scale=None) -> 
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+SCORING = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
+
+
+def route(logits, spec, alive=None, correction_bias=None, skip_beta=None, expert_row=None):
+    """reference.route (RouterSpec semantics, dropped experts, correction bias, per-token skip) on the host ->
+    (weights [T, k] fp32, ids [T, k] int64), or (weights, rows) with each id mapped through expert_row (the storage
+    row of each original expert, NO_EXPERT for a dropped one)."""
+    weights, ids, rows = ops().route(logits, SCORING[spec.scoring], spec.top_k, spec.renormalize, spec.scaling,
+                                     spec.n_group, spec.topk_group, spec.group_score == "top2_sum", alive,
+                                     correction_bias, skip_beta or 0.0, expert_row)
+    return (weights, ids) if expert_row is None else (weights, rows)
+
+
 def read_bytes(buffer: torch.Tensor) -> int:
     """Read every byte of `buffer` with vector loads on all threads (the bandwidth probe of the benchmarks)."""
     return ops().read_bytes(buffer, isa())
