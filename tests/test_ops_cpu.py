@@ -94,7 +94,8 @@ def int8_emulation(x, ids, weights, w1, w2, b1, b2, act, s1, s2, group):
     return out
 
 
-# (tokens, experts, hidden, inter, k, group, skip, bias, input scales, activation)
+# (tokens, experts, hidden, inter, k, group, skip, bias, input scales, activation). Up to 4 rows per expert the INT8
+# kernels take the decode path (rows streamed in memory order), above the tile path: the cases have both.
 CASES_4BIT = [
     (1, 4, 64, 32, 2, 32, 0.0, False, False, "silu"),  # one token
     (7, 5, 96, 48, 2, 48, 0.25, False, True, "silu"),  # AWQ input scales, skipped slots, group 48 (int8 blocks of 16)
@@ -103,6 +104,7 @@ CASES_4BIT = [
     (33, 16, 128, 64, 2, 64, 0.0, False, False, "silu"),  # 16 experts for 33 tokens: some get nothing
     (5, 3, 256, 128, 2, 128, 0.0, True, False, "silu"),  # group 128
     (40, 2, 64, 32, 2, 32, 0.0, False, False, "silu"),  # 40 rows per expert: every row-block size of the cores
+    (3, 4, 72, 40, 2, 8, 0.0, True, False, "silu"),  # decode path (few rows per expert) with widths past whole tiles
 ]
 
 

@@ -87,6 +87,24 @@ struct GemmJob {
   int64_t ld_out;
 };
 
+// The decode path of the 4-bit GEMM (INT8 activations, a few rows per expert): work item w reads the k-blocks
+// [item_blk0[w], item_blk1[w]) of expert item_expert[w] across all N rows of the weight, in memory order (a block's
+// few qweight rows side by side, each read front to back: streams the hardware prefetchers follow, where a tile's
+// column of 64-byte pieces 4N bytes apart is not), and adds its partial sums to partial + item_acc[w], fp32
+// [rows of the expert, N]. ops.cpp then sums an expert's items and applies the epilogue.
+struct StreamJob {
+  const Q4Weight* q4;
+  Prepared x;
+  const int32_t* item_expert;
+  const int64_t* item_blk0;
+  const int64_t* item_blk1;
+  const int64_t* item_acc;
+  const int64_t* row_begin;
+  const int64_t* act_row;
+  float* partial;  // zeroed by the caller
+};
+constexpr int kStreamMaxRows = 4;  // rows per expert up to which the decode path runs
+
 // The functions of one ISA variant.
 struct Kernels {
   const char* name;
@@ -97,6 +115,7 @@ struct Kernels {
                        const float* in_scale, const int64_t* in_scale_row, int64_t in_scale_stride,
                        const Prepared& out, int64_t row0, int64_t row1);
   void (*gemm)(const GemmJob& job, int64_t item0, int64_t item1);
+  void (*q4_stream)(const StreamJob& job, int64_t item0, int64_t item1);
   // Streams `bytes` of memory with vector loads; returns a value that depends on all of them (the read bandwidth
   // probe of the benchmarks).
   uint64_t (*read_sum)(const void* p, int64_t bytes);

@@ -626,6 +626,143 @@ static void dense_tile(const DenseWeight& w, int64_t e, int64_t row0, int nrows,
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
+// The 4-bit decode path (StreamJob, INT8): k-blocks of one expert across all its rows, in memory order.
+// ---------------------------------------------------------------------------------------------------------------------
+// Columns [n0, n1) of one k-block, lane by lane: the portable build, and every build's last columns past the last
+// whole tile.
+static void stream_int8_columns(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
+                                const uint8_t* zrow, int64_t k0, int64_t blk, const TileRows& x, int mb,
+                                float* acc, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float s = load_as_f32(srow, sdt, n);
+    const int32_t z = zrow[n];
+    for (int m = 0; m < mb; ++m) {
+      int32_t a = 0;
+      for (int64_t st = 0; st < steps; ++st) {
+        const uint8_t* p = qb + st * ldq + n * 4;
+        const int8_t* xq = x.xq[m] + k0 + st * STEP_K;
+        for (int i = 0; i < 4; ++i) a += int32_t(p[i] & 0xF) * xq[i] + int32_t(p[i] >> 4) * xq[4 + i];
+      }
+      acc[m * N + n] += float(a - z * x.xi[m][blk]) * (s * x.xs[m][blk]);
+    }
+  }
+}
+
+#ifndef MK_STREAM_AHEAD
+#define MK_STREAM_AHEAD 1024
+#endif
+#if MOEKERN_ISA_LEVEL >= 3
+template <int MB>
+static void stream_int8_tiles(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
+                              const uint8_t* zrow, int64_t k0, int64_t blk, const TileRows& x, float* acc, int64_t N,
+                              int64_t tiles) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i xi[MB];
+  __m512 xs[MB];
+  for (int m = 0; m < MB; ++m) {
+    xi[m] = _mm512_set1_epi32(x.xi[m][blk]);
+    xs[m] = _mm512_set1_ps(x.xs[m][blk]);
+  }
+  const int esz = sdt == DT_F32 ? 4 : 2;
+  for (int64_t j = 0; j < tiles; ++j) {
+    __m512i ai[MB];
+    for (int m = 0; m < MB; ++m) ai[m] = _mm512_setzero_si512();
+    for (int64_t st = 0; st < steps; ++st) {
+      _mm_prefetch((const char*)(qb + st * ldq + j * 64 + MK_STREAM_AHEAD), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512((const void*)(qb + st * ldq + j * 64));
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int m = 0; m < MB; ++m) {
+        int32_t a0, a1;
+        __builtin_memcpy(&a0, x.xq[m] + k0 + st * STEP_K, 4);
+        __builtin_memcpy(&a1, x.xq[m] + k0 + st * STEP_K + 4, 4);
+        ai[m] = _mm512_dpbusd_epi32(ai[m], lo, _mm512_set1_epi32(a0));
+        ai[m] = _mm512_dpbusd_epi32(ai[m], hi, _mm512_set1_epi32(a1));
+      }
+    }
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + j * TILE_N)));
+    const __m512 s = scales16((const char*)srow + j * TILE_N * esz, sdt);
+    for (int m = 0; m < MB; ++m) {
+      float* a = acc + m * N + j * TILE_N;
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(ai[m], _mm512_mullo_epi32(z, xi[m])));
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(d, _mm512_mul_ps(s, xs[m]), _mm512_loadu_ps(a)));
+    }
+  }
+}
+#elif MOEKERN_ISA_LEVEL == 2
+template <int MB>
+static void stream_int8_tiles(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
+                              const uint8_t* zrow, int64_t k0, int64_t blk, const TileRows& x, float* acc, int64_t N,
+                              int64_t tiles) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int esz = sdt == DT_F32 ? 4 : 2;
+  for (int64_t j = 0; j < tiles * 2; ++j) {  // half tiles of 8 lanes
+    __m256i ai[MB];
+    for (int m = 0; m < MB; ++m) ai[m] = _mm256_setzero_si256();
+    for (int64_t st = 0; st < steps; ++st) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(qb + st * ldq + j * 32));
+      const __m256i lo = _mm256_and_si256(v, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int m = 0; m < MB; ++m) {
+        int32_t a0, a1;
+        __builtin_memcpy(&a0, x.xq[m] + k0 + st * STEP_K, 4);
+        __builtin_memcpy(&a1, x.xq[m] + k0 + st * STEP_K + 4, 4);
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0)), ones);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(a1)), ones);
+        ai[m] = _mm256_add_epi32(ai[m], _mm256_add_epi32(p0, p1));
+      }
+    }
+    const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zrow + j * 8)));
+    const __m256 s = scales8((const char*)srow + j * 8 * esz, sdt);
+    for (int m = 0; m < MB; ++m) {
+      float* a = acc + m * N + j * 8;
+      const __m256i corr = _mm256_mullo_epi32(z, _mm256_set1_epi32(x.xi[m][blk]));
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(ai[m], corr));
+      const __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(x.xs[m][blk]));
+      _mm256_storeu_ps(a, _mm256_fmadd_ps(d, sd, _mm256_loadu_ps(a)));
+    }
+  }
+}
+#endif
+
+static void q4_stream(const StreamJob& job, int64_t item0, int64_t item1) {
+  const Q4Weight& w = *job.q4;
+  const Prepared& p = job.x;
+  const int64_t K = w.k, G = w.group, N = w.n, ab = p.block, steps = ab / STEP_K, nb_per_g = G / ab;
+  const int64_t ldq = N * 4, esz = w.scale_dtype == DT_F32 ? 4 : 2;
+  const int64_t tiles = MK_VEC ? N / TILE_N : 0;
+  for (int64_t item = item0; item < item1; ++item) {
+    const int64_t e = job.item_expert[item];
+    const int64_t r0 = job.row_begin[e];
+    const int mb = (int)(job.row_begin[e + 1] - r0);
+    TileRows x;
+    for (int m = 0; m < mb; ++m) {
+      const int64_t ar = job.act_row[r0 + m];
+      x.xq[m] = (const int8_t*)p.xa + ar * K;
+      x.xs[m] = p.xs + ar * p.nscale;
+      x.xi[m] = p.xi + ar * p.nscale;
+    }
+    float* acc = job.partial + job.item_acc[item];
+    const uint8_t* qe = w.q + e * (K / STEP_K) * ldq;
+    for (int64_t blk = job.item_blk0[item]; blk < job.item_blk1[item]; ++blk) {
+      const int64_t k0 = blk * ab, g = blk / nb_per_g;
+      const uint8_t* qb = qe + (k0 / STEP_K) * ldq;
+      const void* srow = (const char*)w.scales + ((e * (K / G) + g) * N) * esz;
+      const uint8_t* zrow = w.zeros + (e * (K / G) + g) * N;
+#if MK_VEC
+      switch (mb) {
+        case 1: stream_int8_tiles<1>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
+        case 2: stream_int8_tiles<2>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
+        case 3: stream_int8_tiles<3>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
+        default: stream_int8_tiles<4>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
+      }
+#endif
+      stream_int8_columns(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, mb, acc, N, tiles * TILE_N, N);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
 // The GEMM driver: work items over (expert, tiles), rows in blocks of MB, the epilogue.
 // ---------------------------------------------------------------------------------------------------------------------
 static inline float gated(float g, float u, int act, float alpha, float limit) {
@@ -740,4 +877,4 @@ static const Kernels kKernels = {
 #else
     false,
 #endif
-    prepare_rows, gemm, read_sum};
+    prepare_rows, gemm, q4_stream, read_sum};

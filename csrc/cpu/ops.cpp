@@ -277,6 +277,89 @@ PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, c
   return b;
 }
 
+// The decode path (StreamJob): each routed row's sums over all N rows of the weight, fp32 [rows, N], before the
+// epilogue. Each expert's k-blocks are split in items so that the threads share the work even when one expert has it.
+at::Tensor q4_decode_sums(const Kernels* kern, const Q4Weight& w, const Prepared& x, const int64_t* row_begin,
+                          const int64_t* act_row, int64_t E, int64_t rows) {
+  const int64_t nblocks = w.k / x.block, N = w.n;
+  int64_t active = 0;
+  for (int64_t e = 0; e < E; ++e) active += row_begin[e + 1] > row_begin[e];
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(nblocks, ceil_div(2 * at::get_num_threads(), active)));
+  const int64_t per = ceil_div(nblocks, splits);
+  std::vector<int32_t> item_expert;
+  std::vector<int64_t> blk0, blk1, acc_at;
+  int64_t size = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = row_begin[e + 1] - row_begin[e];
+    for (int64_t b = 0; m > 0 && b < nblocks; b += per) {
+      item_expert.push_back((int32_t)e);
+      blk0.push_back(b);
+      blk1.push_back(std::min(nblocks, b + per));
+      acc_at.push_back(size);
+      size += m * N;
+    }
+  }
+  auto partial = at::zeros({size}, at::kFloat);
+  StreamJob job{&w, x, item_expert.data(), blk0.data(), blk1.data(), acc_at.data(), row_begin, act_row,
+                partial.data_ptr<float>()};
+  const int64_t items = (int64_t)item_expert.size();
+  parallel(items, active * w.k * N / 2, [&](int64_t b, int64_t e) { kern->q4_stream(job, b, e); });
+  auto sums = alloc({rows, N}, at::kFloat);
+  float* out = sums.data_ptr<float>();
+  const float* pp = partial.data_ptr<float>();
+  for (int64_t i = 0; i < items; ++i) {  // an expert's items in order: its rows' sums
+    const int64_t e = item_expert[i], m = row_begin[e + 1] - row_begin[e];
+    float* dst = out + row_begin[e] * N;
+    const float* src = pp + acc_at[i];
+    if (blk0[i] == 0) std::copy(src, src + m * N, dst);
+    else
+      for (int64_t j = 0; j < m * N; ++j) dst[j] += src[j];
+  }
+  return sums;
+}
+
+float gated_value(float g, float u, int64_t act, float alpha, float limit) {
+  if (act == ACT_SILU) return g / (1.0f + std::exp(-g)) * u;
+  g = std::min(g, limit);
+  u = std::max(-limit, std::min(u, limit));
+  return (u + 1.0f) * g / (1.0f + std::exp(-g * alpha));
+}
+
+// The decode path's epilogue of gate_up: hidden [rows, I] = act(gate + bias, up + bias) of sums [rows, 2I].
+void gate_epilogue(const at::Tensor& sums, const float* bias, const int64_t* expert_of, int64_t rows, int64_t I,
+                   bool interleaved, int64_t act, float alpha, float limit, float* hidden) {
+  const float* S = sums.data_ptr<float>();
+  parallel(rows, rows * I * 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* srow = S + r * 2 * I;
+      const float* b = bias ? bias + expert_of[r] * 2 * I : nullptr;
+      for (int64_t c = 0; c < I; ++c) {
+        const int64_t gi = interleaved ? 2 * c : c, ui = interleaved ? 2 * c + 1 : I + c;
+        hidden[r * I + c] = gated_value(srow[gi] + (b ? b[gi] : 0.0f), srow[ui] + (b ? b[ui] : 0.0f), act, alpha,
+                                        limit);
+      }
+    }
+  });
+}
+
+// The decode path's epilogue of down (and of a Linear): out [rows, N] = row weight * (sums + bias).
+void scale_epilogue(at::Tensor& sums, const float* bias, const int64_t* expert_of, const float* row_weight,
+                    int64_t rows, int64_t N) {
+  float* S = sums.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* b = bias ? bias + (expert_of ? expert_of[r] : 0) * N : nullptr;
+    const float w = row_weight ? row_weight[r] : 1.0f;
+    for (int64_t n = 0; n < N; ++n) S[r * N + n] = w * (S[r * N + n] + (b ? b[n] : 0.0f));
+  }
+}
+
+bool decode_path(int inner, const int64_t* row_begin, int64_t E) {
+  if (inner != INNER_INT8) return false;
+  for (int64_t e = 0; e < E; ++e)
+    if (row_begin[e + 1] - row_begin[e] > kStreamMaxRows) return false;
+  return true;
+}
+
 int resolve_inner(const Kernels* kern, int64_t isa, int64_t inner) {
   TORCH_CHECK(inner >= INNER_INT8 && inner <= INNER_FP32, "moekern: unknown inner product ", inner);
   if (inner == INNER_BF16)
@@ -332,30 +415,43 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   PreparedBuffers xa = per_pair ? prepare(kern, inner, x, r.token_of.data(), r.rows, wgu.group, sgu, r.expert_of.data())
                                 : prepare(kern, inner, x, nullptr, r.tokens, wgu.group, at::Tensor(), nullptr);
   auto hidden = alloc({r.rows, inter}, at::kFloat);
-  GemmJob job{};
-  job.q4 = &wgu;
-  job.x = xa.p;
-  job.row_begin = r.row_begin.data();
-  job.act_row = act_row.data();
-  job.bias = bgu.defined() ? bgu.data_ptr<float>() : nullptr;
-  job.bias_stride = 2 * inter;
-  job.gated = interleaved ? GATED_INTERLEAVED : GATED_HALVES;
-  job.act = (int)act;
-  job.alpha = (float)alpha;
-  job.limit = (float)limit;
-  job.out_cols = inter;
-  job.out = hidden.data_ptr<float>();
-  job.ld_out = inter;
-  Items items = make_items(r, interleaved ? ceil_div(inter, TILE_N / 2) : ceil_div(inter, TILE_N), E);
-  job.item_expert = items.expert.data();
-  job.item_tile0 = items.tile0.data();
-  job.item_tile1 = items.tile1.data();
-  run_gemm(kern, job, items, (interleaved ? 8 : 16) * H);  // a tile's rows, K / 2 bytes each
+  const bool decode = decode_path(inner, r.row_begin.data(), E);
+  if (decode) {
+    auto sums = q4_decode_sums(kern, wgu, xa.p, r.row_begin.data(), act_row.data(), E, r.rows);
+    gate_epilogue(sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.rows, inter,
+                  interleaved, act, (float)alpha, (float)limit, hidden.data_ptr<float>());
+  } else {
+    GemmJob job{};
+    job.q4 = &wgu;
+    job.x = xa.p;
+    job.row_begin = r.row_begin.data();
+    job.act_row = act_row.data();
+    job.bias = bgu.defined() ? bgu.data_ptr<float>() : nullptr;
+    job.bias_stride = 2 * inter;
+    job.gated = interleaved ? GATED_INTERLEAVED : GATED_HALVES;
+    job.act = (int)act;
+    job.alpha = (float)alpha;
+    job.limit = (float)limit;
+    job.out_cols = inter;
+    job.out = hidden.data_ptr<float>();
+    job.ld_out = inter;
+    Items items = make_items(r, interleaved ? ceil_div(inter, TILE_N / 2) : ceil_div(inter, TILE_N), E);
+    job.item_expert = items.expert.data();
+    job.item_tile0 = items.tile0.data();
+    job.item_tile1 = items.tile1.data();
+    run_gemm(kern, job, items, (interleaved ? 8 : 16) * H);  // a tile's rows, K / 2 bytes each
+  }
 
   // down, times the routing weight
   std::vector<int64_t> rows_id(r.rows);
   for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
   PreparedBuffers ha = prepare(kern, inner, hidden, nullptr, r.rows, wd.group, sd, r.expert_of.data());
+  if (decode) {
+    auto part = q4_decode_sums(kern, wd, ha.p, r.row_begin.data(), rows_id.data(), E, r.rows);
+    scale_epilogue(part, bd.defined() ? bd.data_ptr<float>() : nullptr, r.expert_of.data(), r.weight_of.data(),
+                   r.rows, H);
+    return sum_slots(r, part, H, x.scalar_type());
+  }
   auto part = alloc({r.rows, H}, at::kFloat);
   GemmJob down_job{};
   down_job.q4 = &wd;
@@ -398,6 +494,11 @@ at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, const c10::option
   for (int64_t i = 0; i < T; ++i) rows_id[i] = i;
   PreparedBuffers xa = prepare(kern, inner, x, nullptr, T, wq.group, s, zero.data());
   std::vector<int64_t> row_begin = {0, T};
+  if (decode_path(inner, row_begin.data(), 1)) {
+    auto sums = q4_decode_sums(kern, wq, xa.p, row_begin.data(), rows_id.data(), 1, T);
+    scale_epilogue(sums, b.defined() ? b.data_ptr<float>() : nullptr, nullptr, nullptr, T, n);
+    return x.scalar_type() == at::kFloat ? sums : sums.to(x.scalar_type());
+  }
   GemmJob job{};
   job.q4 = &wq;
   job.x = xa.p;
