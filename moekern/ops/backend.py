@@ -106,12 +106,12 @@ def describe(model) -> dict:
             continue
         try:
             path, reason = _path_and_reason(device, dtype, group)
-            path = _detail(path, reason)
+            path = _detail(path, reason, quantized=group is not None)
         except ValueError as exc:
             path = f"error: {exc}"
         paths.setdefault(kind, set()).add(path)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        paths.setdefault("4-bit linears", set()).add(_detail(linear_path(device, dtype), None))
+        paths.setdefault("4-bit linears", set()).add(_detail(linear_path(device, dtype), None, quantized=True))
     return {"backend": requested(), "paths": {k: "; ".join(sorted(v)) for k, v in paths.items()}}
 
 
@@ -123,11 +123,12 @@ def linear_path(device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
-def _detail(path: str, reason: str | None) -> str:
+def _detail(path: str, reason: str | None, quantized: bool) -> str:
     from moekern.ops import cpu
 
     if path == "cpu":
-        return f"C++ CPU kernels ({cpu.isa_name()}, {cpu.INNERS[cpu.inner()]} activations for 4-bit)"
+        inner = f", {cpu.INNERS[cpu.inner()]} activations" if quantized else ""
+        return f"C++ CPU kernels ({cpu.isa_name()}{inner})"
     if path == "reference":
         reason = reason or (cpu.unavailable_reason() if requested() == "auto" else "MOEKERN_BACKEND=reference")
         return "PyTorch reference" + (f" ({reason})" if reason else "")
