@@ -174,7 +174,8 @@ def bench_model(name, args, bandwidth) -> list[dict]:
             row = {"model": name, "tokens": tokens, "experts": experts, "top_k": top_k, "hidden": hidden,
                    "intermediate": inter, "experts_reached": distinct, "path": path, "weights": kind[path],
                    "median_s": median, "best_s": best, "bytes_must_read": must_read,
-                   "gb_s_median": must_read / median / 1e9, "fraction_of_read_bandwidth": must_read / median / bandwidth}
+                   "gb_s_median": must_read / median / 1e9,
+                   "fraction_of_read_bandwidth": must_read / median / bandwidth}
             rows.append(row)
             print(f"  {path:<36} {median * 1e3:9.2f} ms (best {best * 1e3:8.2f})  {must_read / 1e6:9.1f} MB  "
                   f"{row['gb_s_median']:6.1f} GB/s  {100 * row['fraction_of_read_bandwidth']:5.1f}% of read bw")

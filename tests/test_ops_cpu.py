@@ -2,8 +2,8 @@
 variant this CPU runs (avx512, avx2, portable: MOEKERN_CPU_ISA forces each) and every inner product: 4-bit with group
 sizes 8 to 128, SiLU and GPT-OSS's interleaved clamped SwiGLU with biases, AWQ input scales, odd sizes, one token,
 empty experts, every expert dropped, every slot skipped; dense fp32 and bf16 (the fused kernel and the GEMM path);
-the 4-bit Linear; bf16 and fp16 scales. Every buffer the C++ ops allocate is poisoned first (NaN, or a wild integer), so an element read
-before it is written fails.
+the 4-bit Linear; bf16 and fp16 scales; the router. Every buffer the C++ ops allocate is poisoned first (NaN, or a
+wild integer), so an element read before it is written fails.
 
 Bounds, relative to the largest output element:
   FP32 (fp32 activations, and dense fp32): 1e-5, only the order of the fp32 sums differs from the reference.

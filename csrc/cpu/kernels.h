@@ -34,14 +34,15 @@ struct DenseWeight {      // W [E, N, K] with unit stride along K
 enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 // How activations meet the 4-bit weights (the inner product):
-//   INT8: activations quantized to int8 per block of 32 inputs (16 or 8 for smaller groups) (symmetric, scale d = max|x| / 127); the
-//         products of unsigned 4-bit codes and int8 activations summed exactly in int32 (vpdpbusd), the zero point
-//         taken off once per block from the block's code sum: sum (q - z) x = sum q x - z sum x.
+//   INT8: activations quantized to int8 per block of 32 inputs (16 or 8 for smaller groups; symmetric, scale
+//         d = max|x| / 127); the products of unsigned 4-bit codes and int8 activations summed exactly in int32
+//         (vpdpbusd), the zero point taken off once per block from the block's activation sum:
+//         sum (q - z) x = sum q x - z sum x.
 //   BF16: activations rounded to bf16, codes turned into bf16 by a table, vdpbf16ps (AVX-512 BF16 only).
 //   FP32: activations as they are (fp32), codes to fp32 by a table, FMA: the same products as the reference.
 enum Inner : int { INNER_INT8 = 0, INNER_BF16 = 1, INNER_FP32 = 2 };
 
-enum Act : int { ACT_SILU = 0, ACT_CLAMPED_SWIGLU = 1, ACT_NONE = 2 };
+enum Act : int { ACT_SILU = 0, ACT_CLAMPED_SWIGLU = 1 };
 
 // Prepared activation rows (see prepare_rows): row r's K inputs at xa + r * K elements (int8, bf16 bits or fp32,
 // the last two permuted within each step of 8 to the order the weight codes come out of a 64-byte step), its block

@@ -585,8 +585,8 @@ static inline void dense_rows4_avx2(const void* const* wrow, int nrows, int dtyp
 }
 #endif
 
-[[maybe_unused]] static void dense_rows_scalar(const void* const* wrow, int nrows, int dtype, int64_t K, const float* const* x, int mb,
-                              float (*out)[TILE_N], int i0) {
+[[maybe_unused]] static void dense_rows_scalar(const void* const* wrow, int nrows, int dtype, int64_t K,
+                                               const float* const* x, int mb, float (*out)[TILE_N], int i0) {
   for (int r = 0; r < nrows; ++r) {
     for (int m = 0; m < mb; ++m) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums, as a vector unit would keep them

@@ -75,8 +75,8 @@ def embedding_bytes(model, tokens: int) -> tuple[int, int]:
     read whole by the lm_head, so it counts whole in both."""
     embedding = model.get_input_embeddings().weight
     table = embedding.numel() * embedding.element_size()
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None and head.weight.data_ptr() == embedding.data_ptr():
+    head_weight = getattr(model.get_output_embeddings(), "weight", None)
+    if head_weight is not None and head_weight.data_ptr() == embedding.data_ptr():
         return table, table
     return table, min(table, tokens * embedding.shape[-1] * embedding.element_size())
 
