@@ -110,6 +110,7 @@ constexpr int kStreamMaxRows = 4;  // rows per expert up to which the decode pat
 struct Kernels {
   const char* name;
   bool has_bf16_dot;  // INNER_BF16 available
+  int stream_inners;  // the inner products (1 << Inner) of its decode path (q4_stream); INT8 in every variant
   // Prepare activation rows [rows, k] (fp32 src, or bf16/fp16 given by src_dtype) for the 4-bit GEMM. src row r is
   // at src + src_row[r] * ld_src (src_row null: r), times in_scale (per row pointer, may be null).
   void (*prepare_rows)(const void* src, int src_dtype, int64_t ld_src, const int64_t* src_row, int64_t rows,

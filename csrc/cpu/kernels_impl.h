@@ -652,41 +652,157 @@ static void stream_int8_columns(const uint8_t* qb, int64_t ldq, int64_t steps, c
 #define MK_STREAM_AHEAD 1024
 #endif
 #if MOEKERN_ISA_LEVEL >= 3
+// TJ tiles side by side (TJ * 64 contiguous bytes of each qweight row), the low and the high nibbles in their own
+// accumulators: 2 * TJ * MB independent vpdpbusd chains, where one chain per tile would wait on the instruction's
+// latency at every step.
+template <int MB, int TJ>
+static inline void stream_int8_group(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
+                                     const uint8_t* zrow, int64_t k0, const TileRows& x, const __m512i* xi,
+                                     const __m512* xs, float* acc, int64_t N, int64_t j0) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i lo[MB][TJ], hi[MB][TJ];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TJ; ++t) lo[m][t] = hi[m][t] = _mm512_setzero_si512();
+  for (int64_t st = 0; st < steps; ++st) {
+    const uint8_t* row = qb + st * ldq + j0 * 64;
+    _mm_prefetch((const char*)(row + MK_STREAM_AHEAD), _MM_HINT_T0);
+    __m512i a0[MB], a1[MB];
+    for (int m = 0; m < MB; ++m) {
+      int32_t v0, v1;
+      __builtin_memcpy(&v0, x.xq[m] + k0 + st * STEP_K, 4);
+      __builtin_memcpy(&v1, x.xq[m] + k0 + st * STEP_K + 4, 4);
+      a0[m] = _mm512_set1_epi32(v0);
+      a1[m] = _mm512_set1_epi32(v1);
+    }
+    for (int t = 0; t < TJ; ++t) {
+      const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
+      const __m512i vl = _mm512_and_si512(v, low);
+      const __m512i vh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int m = 0; m < MB; ++m) {
+        lo[m][t] = _mm512_dpbusd_epi32(lo[m][t], vl, a0[m]);
+        hi[m][t] = _mm512_dpbusd_epi32(hi[m][t], vh, a1[m]);
+      }
+    }
+  }
+  const int esz = sdt == DT_F32 ? 4 : 2;
+  for (int t = 0; t < TJ; ++t) {
+    const int64_t j = j0 + t;
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + j * TILE_N)));
+    const __m512 s = scales16((const char*)srow + j * TILE_N * esz, sdt);
+    for (int m = 0; m < MB; ++m) {
+      float* a = acc + m * N + j * TILE_N;
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(lo[m][t], hi[m][t]), _mm512_mullo_epi32(z, xi[m]));
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, xs[m]), _mm512_loadu_ps(a)));
+    }
+  }
+}
+
 template <int MB>
 static void stream_int8_tiles(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
                               const uint8_t* zrow, int64_t k0, int64_t blk, const TileRows& x, float* acc, int64_t N,
                               int64_t tiles) {
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  constexpr int TJ = MB <= 2 ? 4 : 2;
   __m512i xi[MB];
   __m512 xs[MB];
   for (int m = 0; m < MB; ++m) {
     xi[m] = _mm512_set1_epi32(x.xi[m][blk]);
     xs[m] = _mm512_set1_ps(x.xs[m][blk]);
   }
-  const int esz = sdt == DT_F32 ? 4 : 2;
-  for (int64_t j = 0; j < tiles; ++j) {
-    __m512i ai[MB];
-    for (int m = 0; m < MB; ++m) ai[m] = _mm512_setzero_si512();
-    for (int64_t st = 0; st < steps; ++st) {
-      _mm_prefetch((const char*)(qb + st * ldq + j * 64 + MK_STREAM_AHEAD), _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512((const void*)(qb + st * ldq + j * 64));
-      const __m512i lo = _mm512_and_si512(v, low);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      for (int m = 0; m < MB; ++m) {
-        int32_t a0, a1;
-        __builtin_memcpy(&a0, x.xq[m] + k0 + st * STEP_K, 4);
-        __builtin_memcpy(&a1, x.xq[m] + k0 + st * STEP_K + 4, 4);
-        ai[m] = _mm512_dpbusd_epi32(ai[m], lo, _mm512_set1_epi32(a0));
-        ai[m] = _mm512_dpbusd_epi32(ai[m], hi, _mm512_set1_epi32(a1));
+  int64_t j = 0;
+  for (; j + TJ <= tiles; j += TJ)
+    stream_int8_group<MB, TJ>(qb, ldq, steps, srow, sdt, zrow, k0, x, xi, xs, acc, N, j);
+  for (; j < tiles; ++j) stream_int8_group<MB, 1>(qb, ldq, steps, srow, sdt, zrow, k0, x, xi, xs, acc, N, j);
+}
+
+// The BF16 and FP32 inner products on the same decode path (a block is a whole group), so that their figures
+// against INT8 compare inner products, not memory access patterns.
+template <int MB, int TJ>
+__attribute__((target("avx512bf16"))) static inline void stream_bf16_group(
+    const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt, const uint8_t* zrow, int64_t k0,
+    const TileRows& x, const __m512* gsum, float* acc, int64_t N, int64_t j0) {
+  const __m512i table = _mm512_set_epi16(
+      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040,
+      0x4000, 0x3F80, 0x0000, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
+      0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+  __m512 a[MB][TJ][2];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TJ; ++t) a[m][t][0] = a[m][t][1] = _mm512_setzero_ps();
+  for (int64_t st = 0; st < steps; ++st) {
+    const uint8_t* row = qb + st * ldq + j0 * 64;
+    _mm_prefetch((const char*)(row + MK_STREAM_AHEAD), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) {
+      const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
+      for (int j = 0; j < 4; ++j) {
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4 * j), table);
+        for (int m = 0; m < MB; ++m) {
+          int32_t pair;
+          __builtin_memcpy(&pair, (const uint16_t*)x.xa[m] + k0 + st * STEP_K + 2 * j, 4);
+          a[m][t][j & 1] = _mm512_dpbf16_ps(a[m][t][j & 1], w, (__m512bh)_mm512_set1_epi32(pair));
+        }
       }
     }
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + j * TILE_N)));
+  }
+  const int esz = sdt == DT_F32 ? 4 : 2;
+  for (int t = 0; t < TJ; ++t) {
+    const int64_t j = j0 + t;
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + j * TILE_N))));
     const __m512 s = scales16((const char*)srow + j * TILE_N * esz, sdt);
     for (int m = 0; m < MB; ++m) {
-      float* a = acc + m * N + j * TILE_N;
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(ai[m], _mm512_mullo_epi32(z, xi[m])));
-      _mm512_storeu_ps(a, _mm512_fmadd_ps(d, _mm512_mul_ps(s, xs[m]), _mm512_loadu_ps(a)));
+      float* out = acc + m * N + j * TILE_N;
+      const __m512 corrected = _mm512_fnmadd_ps(z, gsum[m], _mm512_add_ps(a[m][t][0], a[m][t][1]));
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(corrected, s, _mm512_loadu_ps(out)));
     }
+  }
+}
+
+template <int MB, int TJ>
+static inline void stream_fp32_group(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
+                                     const uint8_t* zrow, int64_t k0, const TileRows& x, float* acc, int64_t N,
+                                     int64_t j0) {
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 a[MB][TJ][2], z[TJ];
+  for (int t = 0; t < TJ; ++t)
+    z[t] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zrow + (j0 + t) * TILE_N))));
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TJ; ++t) a[m][t][0] = a[m][t][1] = _mm512_setzero_ps();
+  for (int64_t st = 0; st < steps; ++st) {
+    const uint8_t* row = qb + st * ldq + j0 * 64;
+    _mm_prefetch((const char*)(row + MK_STREAM_AHEAD), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) {
+      const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
+      for (int j = 0; j < 8; ++j) {
+        const __m512 w = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * j), table), z[t]);
+        for (int m = 0; m < MB; ++m)
+          a[m][t][j & 1] = _mm512_fmadd_ps(w, _mm512_set1_ps(((const float*)x.xa[m])[k0 + st * STEP_K + j]),
+                                           a[m][t][j & 1]);
+      }
+    }
+  }
+  const int esz = sdt == DT_F32 ? 4 : 2;
+  for (int t = 0; t < TJ; ++t) {
+    const __m512 s = scales16((const char*)srow + (j0 + t) * TILE_N * esz, sdt);
+    for (int m = 0; m < MB; ++m) {
+      float* out = acc + m * N + (j0 + t) * TILE_N;
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_add_ps(a[m][t][0], a[m][t][1]), s, _mm512_loadu_ps(out)));
+    }
+  }
+}
+
+template <int MB>
+static void stream_float_tiles(int inner, const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
+                               const uint8_t* zrow, int64_t k0, int64_t g, const TileRows& x, float* acc, int64_t N,
+                               int64_t tiles) {
+  constexpr int TJ = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  int64_t j = 0;
+  if (inner == INNER_BF16) {
+    __m512 gsum[MB];
+    for (int m = 0; m < MB; ++m) gsum[m] = _mm512_set1_ps(x.xs[m][g]);
+    for (; j + TJ <= tiles; j += TJ)
+      stream_bf16_group<MB, TJ>(qb, ldq, steps, srow, sdt, zrow, k0, x, gsum, acc, N, j);
+    for (; j < tiles; ++j) stream_bf16_group<MB, 1>(qb, ldq, steps, srow, sdt, zrow, k0, x, gsum, acc, N, j);
+  } else {
+    for (; j + TJ <= tiles; j += TJ) stream_fp32_group<MB, TJ>(qb, ldq, steps, srow, sdt, zrow, k0, x, acc, N, j);
+    for (; j < tiles; ++j) stream_fp32_group<MB, 1>(qb, ldq, steps, srow, sdt, zrow, k0, x, acc, N, j);
   }
 }
 #elif MOEKERN_ISA_LEVEL == 2
@@ -736,11 +852,13 @@ static void q4_stream(const StreamJob& job, int64_t item0, int64_t item1) {
     const int64_t r0 = job.row_begin[e];
     const int mb = (int)(job.row_begin[e + 1] - r0);
     TileRows x;
+    const int esz_x = p.inner == INNER_INT8 ? 1 : (p.inner == INNER_BF16 ? 2 : 4);
     for (int m = 0; m < mb; ++m) {
       const int64_t ar = job.act_row[r0 + m];
-      x.xq[m] = (const int8_t*)p.xa + ar * K;
+      x.xa[m] = (const char*)p.xa + ar * K * esz_x;
+      x.xq[m] = (const int8_t*)x.xa[m];
       x.xs[m] = p.xs + ar * p.nscale;
-      x.xi[m] = p.xi + ar * p.nscale;
+      x.xi[m] = p.xi ? p.xi + ar * p.nscale : nullptr;
     }
     float* acc = job.partial + job.item_acc[item];
     const uint8_t* qe = w.q + e * (K / STEP_K) * ldq;
@@ -749,6 +867,18 @@ static void q4_stream(const StreamJob& job, int64_t item0, int64_t item1) {
       const uint8_t* qb = qe + (k0 / STEP_K) * ldq;
       const void* srow = (const char*)w.scales + ((e * (K / G) + g) * N) * esz;
       const uint8_t* zrow = w.zeros + (e * (K / G) + g) * N;
+#if MOEKERN_ISA_LEVEL >= 3
+      if (p.inner != INNER_INT8) {  // blocks are whole groups here (blk == g); ops.cpp keeps N a multiple of 16
+        const int sdt = w.scale_dtype, in = p.inner;
+        switch (mb) {
+          case 1: stream_float_tiles<1>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
+          case 2: stream_float_tiles<2>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
+          case 3: stream_float_tiles<3>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
+          default: stream_float_tiles<4>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
+        }
+        continue;
+      }
+#endif
 #if MK_VEC
       switch (mb) {
         case 1: stream_int8_tiles<1>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
@@ -876,5 +1006,10 @@ static const Kernels kKernels = {
     true,
 #else
     false,
+#endif
+#if MOEKERN_ISA_LEVEL >= 3
+    (1 << INNER_INT8) | (1 << INNER_BF16) | (1 << INNER_FP32),
+#else
+    1 << INNER_INT8,
 #endif
     prepare_rows, gemm, q4_stream, read_sum};

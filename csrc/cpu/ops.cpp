@@ -353,8 +353,9 @@ void scale_epilogue(at::Tensor& sums, const float* bias, const int64_t* expert_o
   }
 }
 
-bool decode_path(int inner, const int64_t* row_begin, int64_t E) {
-  if (inner != INNER_INT8) return false;
+bool decode_path(const Kernels* kern, int inner, const Q4Weight& w, const int64_t* row_begin, int64_t E) {
+  if (!(kern->stream_inners & (1 << inner))) return false;
+  if (inner != INNER_INT8 && w.n % TILE_N) return false;  // their decode path has no lane-by-lane columns
   for (int64_t e = 0; e < E; ++e)
     if (row_begin[e + 1] - row_begin[e] > kStreamMaxRows) return false;
   return true;
@@ -415,7 +416,8 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   PreparedBuffers xa = per_pair ? prepare(kern, inner, x, r.token_of.data(), r.rows, wgu.group, sgu, r.expert_of.data())
                                 : prepare(kern, inner, x, nullptr, r.tokens, wgu.group, at::Tensor(), nullptr);
   auto hidden = alloc({r.rows, inter}, at::kFloat);
-  const bool decode = decode_path(inner, r.row_begin.data(), E);
+  const bool decode = decode_path(kern, inner, wgu, r.row_begin.data(), E) &&
+                      decode_path(kern, inner, wd, r.row_begin.data(), E);
   if (decode) {
     auto sums = q4_decode_sums(kern, wgu, xa.p, r.row_begin.data(), act_row.data(), E, r.rows);
     gate_epilogue(sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.rows, inter,
@@ -494,7 +496,7 @@ at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, const c10::option
   for (int64_t i = 0; i < T; ++i) rows_id[i] = i;
   PreparedBuffers xa = prepare(kern, inner, x, nullptr, T, wq.group, s, zero.data());
   std::vector<int64_t> row_begin = {0, T};
-  if (decode_path(inner, row_begin.data(), 1)) {
+  if (decode_path(kern, inner, wq, row_begin.data(), 1)) {
     auto sums = q4_decode_sums(kern, wq, xa.p, row_begin.data(), rows_id.data(), 1, T);
     scale_epilogue(sums, b.defined() ? b.data_ptr<float>() : nullptr, nullptr, nullptr, T, n);
     return x.scalar_type() == at::kFloat ? sums : sums.to(x.scalar_type());
