@@ -94,8 +94,8 @@ def int8_emulation(x, ids, weights, w1, w2, b1, b2, act, s1, s2, group):
     return out
 
 
-# (tokens, experts, hidden, inter, k, group, skip, bias, input scales, activation). Up to 4 rows per expert the INT8
-# kernels take the decode path (rows streamed in memory order), above the tile path: the cases have both.
+# (tokens, experts, hidden, inter, k, group, skip, bias, input scales, activation). Up to 16 rows per expert the
+# 4-bit kernels take the decode path (rows streamed in memory order), above the tile path: the cases have both.
 CASES_4BIT = [
     (1, 4, 64, 32, 2, 32, 0.0, False, False, "silu"),  # one token
     (7, 5, 96, 48, 2, 48, 0.25, False, True, "silu"),  # AWQ input scales, skipped slots, group 48 (int8 blocks of 16)

@@ -104,7 +104,7 @@ struct StreamJob {
   const int64_t* act_row;
   float* partial;  // zeroed by the caller
 };
-constexpr int kStreamMaxRows = 4;  // rows per expert up to which the decode path runs
+constexpr int kStreamMaxRows = 16;  // rows per expert up to which the decode path runs (decode and small batches)
 
 // The functions of one ISA variant.
 struct Kernels {

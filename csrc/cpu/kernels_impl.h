@@ -841,25 +841,46 @@ static void stream_int8_tiles(const uint8_t* qb, int64_t ldq, int64_t steps, con
 }
 #endif
 
+// One k-block of an expert for up to 4 activation rows, across all N weight rows.
+static void stream_block(const Q4Weight& w, const Prepared& p, const uint8_t* qb, int64_t steps, const void* srow,
+                         const uint8_t* zrow, int64_t k0, int64_t blk, int64_t g, const TileRows& x, int mb,
+                         float* acc) {
+  const int64_t N = w.n, ldq = N * 4;
+  const int64_t tiles = MK_VEC ? N / TILE_N : 0;
+  const int sdt = w.scale_dtype;
+#if MOEKERN_ISA_LEVEL >= 3
+  if (p.inner != INNER_INT8) {  // blocks are whole groups here (blk == g); ops.cpp keeps N a multiple of 16
+    const int in = p.inner;
+    switch (mb) {
+      case 1: return stream_float_tiles<1>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles);
+      case 2: return stream_float_tiles<2>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles);
+      case 3: return stream_float_tiles<3>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles);
+      default: return stream_float_tiles<4>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles);
+    }
+  }
+#else
+  (void)g;
+#endif
+#if MK_VEC
+  switch (mb) {
+    case 1: stream_int8_tiles<1>(qb, ldq, steps, srow, sdt, zrow, k0, blk, x, acc, N, tiles); break;
+    case 2: stream_int8_tiles<2>(qb, ldq, steps, srow, sdt, zrow, k0, blk, x, acc, N, tiles); break;
+    case 3: stream_int8_tiles<3>(qb, ldq, steps, srow, sdt, zrow, k0, blk, x, acc, N, tiles); break;
+    default: stream_int8_tiles<4>(qb, ldq, steps, srow, sdt, zrow, k0, blk, x, acc, N, tiles); break;
+  }
+#endif
+  stream_int8_columns(qb, ldq, steps, srow, sdt, zrow, k0, blk, x, mb, acc, N, tiles * TILE_N, N);
+}
+
 static void q4_stream(const StreamJob& job, int64_t item0, int64_t item1) {
   const Q4Weight& w = *job.q4;
   const Prepared& p = job.x;
   const int64_t K = w.k, G = w.group, N = w.n, ab = p.block, steps = ab / STEP_K, nb_per_g = G / ab;
   const int64_t ldq = N * 4, esz = w.scale_dtype == DT_F32 ? 4 : 2;
-  const int64_t tiles = MK_VEC ? N / TILE_N : 0;
+  const int esz_x = p.inner == INNER_INT8 ? 1 : (p.inner == INNER_BF16 ? 2 : 4);
   for (int64_t item = item0; item < item1; ++item) {
     const int64_t e = job.item_expert[item];
-    const int64_t r0 = job.row_begin[e];
-    const int mb = (int)(job.row_begin[e + 1] - r0);
-    TileRows x;
-    const int esz_x = p.inner == INNER_INT8 ? 1 : (p.inner == INNER_BF16 ? 2 : 4);
-    for (int m = 0; m < mb; ++m) {
-      const int64_t ar = job.act_row[r0 + m];
-      x.xa[m] = (const char*)p.xa + ar * K * esz_x;
-      x.xq[m] = (const int8_t*)x.xa[m];
-      x.xs[m] = p.xs + ar * p.nscale;
-      x.xi[m] = p.xi ? p.xi + ar * p.nscale : nullptr;
-    }
+    const int64_t r0 = job.row_begin[e], rows = job.row_begin[e + 1] - r0;
     float* acc = job.partial + job.item_acc[item];
     const uint8_t* qe = w.q + e * (K / STEP_K) * ldq;
     for (int64_t blk = job.item_blk0[item]; blk < job.item_blk1[item]; ++blk) {
@@ -867,27 +888,19 @@ static void q4_stream(const StreamJob& job, int64_t item0, int64_t item1) {
       const uint8_t* qb = qe + (k0 / STEP_K) * ldq;
       const void* srow = (const char*)w.scales + ((e * (K / G) + g) * N) * esz;
       const uint8_t* zrow = w.zeros + (e * (K / G) + g) * N;
-#if MOEKERN_ISA_LEVEL >= 3
-      if (p.inner != INNER_INT8) {  // blocks are whole groups here (blk == g); ops.cpp keeps N a multiple of 16
-        const int sdt = w.scale_dtype, in = p.inner;
-        switch (mb) {
-          case 1: stream_float_tiles<1>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
-          case 2: stream_float_tiles<2>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
-          case 3: stream_float_tiles<3>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
-          default: stream_float_tiles<4>(in, qb, ldq, steps, srow, sdt, zrow, k0, g, x, acc, N, tiles); break;
+      // Four activation rows at a time: a block's few qweight rows (4N bytes each) stay in L2 for the next four.
+      for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+        const int mb = (int)mk_min(4, rows - m0);
+        TileRows x;
+        for (int m = 0; m < mb; ++m) {
+          const int64_t ar = job.act_row[r0 + m0 + m];
+          x.xa[m] = (const char*)p.xa + ar * K * esz_x;
+          x.xq[m] = (const int8_t*)x.xa[m];
+          x.xs[m] = p.xs + ar * p.nscale;
+          x.xi[m] = p.xi ? p.xi + ar * p.nscale : nullptr;
         }
-        continue;
+        stream_block(w, p, qb, steps, srow, zrow, k0, blk, g, x, mb, acc + m0 * N);
       }
-#endif
-#if MK_VEC
-      switch (mb) {
-        case 1: stream_int8_tiles<1>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
-        case 2: stream_int8_tiles<2>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
-        case 3: stream_int8_tiles<3>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
-        default: stream_int8_tiles<4>(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, acc, N, tiles); break;
-      }
-#endif
-      stream_int8_columns(qb, ldq, steps, srow, w.scale_dtype, zrow, k0, blk, x, mb, acc, N, tiles * TILE_N, N);
     }
   }
 }
