@@ -5,6 +5,7 @@ process, at 1, 4 and 16 tokens, on the expert shapes of real models.
     python benchmarks/bench_cpu_moe.py                                  # every model, 1/4/16 tokens
     python benchmarks/bench_cpu_moe.py --models mixtral-8x7b --experts 8 --inner all   # the inner-product figures
     python benchmarks/bench_cpu_moe.py --models olmoe-1b-7b --tokens 1 --repeats 21
+    python benchmarks/bench_cpu_moe.py --models in-cache --inner all --threads 1 --clock thread  # compute rates
 
 Per path and token count: median and best time over --repeats calls (the paths take turns, so a neighbour's load
 hits them alike), the bytes the call must read (the weights of the distinct experts the routing reaches, read once:
@@ -43,6 +44,9 @@ MODELS = {
     "qwen3-30b-a3b": (2048, 768, 128, 8, "Qwen/Qwen3-30B-A3B"),
     "olmoe-1b-7b": (2048, 1024, 64, 8, "allenai/OLMoE-1B-7B-0924"),
     "deepseek-v2-lite": (2048, 1408, 64, 6, "deepseek-ai/DeepSeek-V2-Lite"),
+    # one expert of 6.8 MB in 4 bits: it stays in the caches, so with --threads 1 --clock thread the time is the
+    # kernels' compute alone (the inner products compared without the memory or the neighbours' load)
+    "in-cache": (4096, 1024, 1, 1, "a 4096 x 1024 expert"),
 }
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
@@ -76,10 +80,13 @@ def read_bandwidth(megabytes: int = 1024, repeats: int = 7) -> float:
     return buf.numel() / best
 
 
+CLOCK = time.perf_counter  # --clock thread: time.thread_time, the calling thread's CPU time (for --threads 1)
+
+
 def _seconds(fn) -> float:
-    started = time.perf_counter()
+    started = CLOCK()
     fn()
-    return time.perf_counter() - started
+    return CLOCK() - started
 
 
 def hf_experts(hidden, inter, experts, top_k, dtype, generator):
@@ -207,7 +214,7 @@ def _ratios(rows, name, tokens, group):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "in-cache"], choices=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--experts", type=int, default=None,
                         help="keep at most N experts (to fit memory: fp32 Mixtral-8x7B experts are 5.6 GB)")
@@ -218,20 +225,30 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--max-gather-gb", type=float, default=3.0,
                         help="skip transformers' batched_mm where it would copy more weights than this (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall time, or the calling thread's CPU time (meaningful with --threads 1: the time the "
+                        "kernel ran, whatever else the machine runs)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/cpu/...)")
     args = parser.parse_args(argv)
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        CLOCK = time.thread_time
     if not cpu.available():
         print(f"the CPU kernels are not available: {cpu.unavailable_reason()}")
         return 2
     import transformers
 
     bandwidth = read_bandwidth()
-    out = args.out or RESULTS / f"bench_cpu_moe-{'+'.join(args.models)}.json"
+    clock = "-thread-clock" if args.clock == "thread" else ""
+    out = args.out or RESULTS / f"bench_cpu_moe-{'+'.join(args.models)}{clock}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python benchmarks/bench_cpu_moe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_model(), "cpu_flags": cpu.cpu_flags(), "threads": torch.get_num_threads(),
-        "isa_variant": cpu.isa_name(), "inner_default": cpu.INNER_DEFAULT, "group": args.group,
+        "isa_variant": cpu.isa_name(), "inner_default": cpu.INNER_DEFAULT, "group": args.group, "clock": args.clock,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "commit": commit(), "read_bandwidth_bytes_s": bandwidth,
         "note": "median and best of --repeats calls, paths taking turns; a shared machine: compare within one run",

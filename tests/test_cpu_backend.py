@@ -164,3 +164,30 @@ def test_without_a_compiler_the_reference_runs_and_says_so_once(tmp_path):
                             env={**env, "MOEKERN_BACKEND": "cpu"}, capture_output=True, text=True, timeout=600)
     assert forced.returncode != 0
     assert "MOEKERN_BACKEND=cpu: the C++ CPU kernels are not available (no C++ compiler" in forced.stderr
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_gives_large_linears_the_decode_kernel(dtype, monkeypatch):
+    """moekern.patch sends a few rows through the Linears it finds large enough (all of them here) to the dense
+    kernel, gives the same logits, and unpatch takes that away again."""
+    from moekern.modules import linear
+    from moekern.patching import unpatch
+
+    monkeypatch.setattr(linear, "LARGE_WEIGHT_BYTES", 0)
+    model = tiny_model("mixtral").to(dtype)
+    ids = torch.randint(3, 97, (3, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    patch(model)
+    assert model.lm_head.forward.__func__ is linear.decode_linear_forward
+    calls = []
+    real = cpu.linear_dense
+    monkeypatch.setattr(cpu, "linear_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = model(ids[:, -1:]).logits, model(ids).logits  # 3 rows: the kernel; 15 rows: bf16 goes to torch
+    assert calls
+    with torch.no_grad():
+        assert rel_err(got[1], expected) <= (FP32_BOUND if dtype == torch.float32 else 3e-2)
+    unpatch(model)
+    assert "forward" not in model.lm_head.__dict__

@@ -269,3 +269,15 @@ def test_router_equals_reference(family, tokens, experts):
                 row[alive] = torch.arange(int(alive.sum()))
                 _, rows = cpu.route(logits, spec, alive, bias, beta, row)
                 assert torch.equal(rows, row[ids_ref.clamp(min=0)].masked_fill(ids_ref == R.NO_EXPERT, R.NO_EXPERT))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_dense_linear(isa, dtype, rows):
+    """The decode-sized Linear: widths past whole vectors (70 inputs, 37 outputs), a bias."""
+    w, b = (torch.randn(37, 70) * 0.2).to(dtype), torch.randn(37).to(dtype)
+    x = torch.randn(2, rows, 70).to(dtype)
+    got = cpu.linear_dense(x, w, b)
+    assert got.shape == (2, rows, 37) and got.dtype == dtype
+    assert rel(got, torch.nn.functional.linear(x.float(), w.float(), b.float())) <= (
+        FP32_BOUND if dtype == torch.float32 else DENSE_BF16_BOUND)

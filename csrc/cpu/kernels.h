@@ -71,6 +71,7 @@ struct GemmJob {
   const DenseWeight* dense;
   Prepared x;               // for q4
   const float* xdense;      // for dense: fp32 activation rows [*, k]
+  const uint16_t* xdense_bf16;  // or bf16 ones, for bf16 weights where the CPU has AVX512_BF16 (xdense null)
   int64_t ld_xdense;
   const int32_t* item_expert;
   const int32_t* item_tile0;

@@ -544,6 +544,12 @@ at::Tensor gated_act(const at::Tensor& h, int64_t act, double alpha, double limi
   return (u + 1) * g * at::sigmoid(g * alpha);
 }
 
+// The activation rows of a dense job: fp32, or bf16 for the bf16 dot.
+void set_dense_rows(GemmJob& job, const at::Tensor& rows) {
+  if (rows.scalar_type() == at::kBFloat16) job.xdense_bf16 = (const uint16_t*)rows.data_ptr();
+  else job.xdense = rows.data_ptr<float>();
+}
+
 // w_gate_up [E, 2I, H], w_down [E, H, I] in (out, in) orientation, any strides (GPT-OSS: transposed views).
 at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Tensor& weights,
                      const at::Tensor& w_gate_up, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_gate_up,
@@ -578,7 +584,8 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
     }
     return sum_slots(r, part, H, x_in.scalar_type());
   }
-  auto x = x_in.to(at::kFloat).contiguous();
+  const bool bf16_dot = wt == at::kBFloat16 && isa == ISA_AVX512 && cpu_has_bf16_dot();
+  auto x = x_in.to(bf16_dot ? at::kBFloat16 : at::kFloat).contiguous();
   auto bgu = fp32_bias(b_gate_up, E, 2 * I, "gate_up bias");
   auto bd = fp32_bias(b_down, E, H, "down bias");
   DenseWeight dgu{w_gate_up.data_ptr(), w_gate_up.stride(0), w_gate_up.stride(1), 2 * I, H,
@@ -587,7 +594,7 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   auto hidden = alloc({r.rows, I}, at::kFloat);
   GemmJob job{};
   job.dense = &dgu;
-  job.xdense = x.data_ptr<float>();
+  set_dense_rows(job, x);
   job.ld_xdense = H;
   job.row_begin = r.row_begin.data();
   job.act_row = r.token_of.data();
@@ -611,7 +618,8 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
   GemmJob down_job{};
   down_job.dense = &dd;
-  down_job.xdense = hidden.data_ptr<float>();
+  auto hidden_rows = bf16_dot ? hidden.to(at::kBFloat16) : hidden;  // a bf16 model rounds it so too
+  set_dense_rows(down_job, hidden_rows);
   down_job.ld_xdense = I;
   down_job.row_begin = r.row_begin.data();
   down_job.act_row = rows_id.data();
@@ -627,6 +635,48 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   down_job.item_tile1 = ditems.tile1.data();
   run_gemm(kern, down_job, ditems, TILE_N * I * w_down.element_size());
   return sum_slots(r, part, H, x_in.scalar_type());
+}
+
+// A dense Linear for a few rows (decode): x [M, K] -> x @ W^T + bias, W [N, K] fp32 or bf16 with unit stride along
+// K. torch's CPU GEMM packs W for every call of 2 to 16 rows (a quarter of the GEMV's bandwidth here); the fused
+// kernel reads each row of W once for all M rows.
+at::Tensor linear_dense(const at::Tensor& x_in, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                        int64_t isa) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "moekern: linear_dense takes x [M, K] "
+              "and W [N, K], got ", x_in.sizes(), " and ", w.sizes());
+  const auto wt = w.scalar_type();
+  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16) && w.stride(1) == 1, "moekern: linear_dense takes a float32 "
+              "or bfloat16 weight with unit stride along its input");
+  const Kernels* kern = variant(isa);
+  const int64_t M = x_in.size(0), N = w.size(0), K = w.size(1);
+  const bool bf16_dot = wt == at::kBFloat16 && isa == ISA_AVX512 && cpu_has_bf16_dot();
+  auto x = x_in.to(bf16_dot ? at::kBFloat16 : at::kFloat).contiguous();
+  auto out = alloc({M, N}, at::kFloat);
+  if (M == 0) return out.to(x_in.scalar_type());
+  auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  DenseWeight dw{w.data_ptr(), 0, w.stride(0), N, K, wt == at::kFloat ? DT_F32 : DT_BF16};
+  std::vector<int64_t> row_begin = {0, M}, rows(M);
+  for (int64_t i = 0; i < M; ++i) rows[i] = i;
+  GemmJob job{};
+  job.dense = &dw;
+  set_dense_rows(job, x);
+  job.ld_xdense = K;
+  job.row_begin = row_begin.data();
+  job.act_row = rows.data();
+  job.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  job.bias_stride = N;
+  job.gated = NOT_GATED;
+  job.out_cols = N;
+  job.out = out.data_ptr<float>();
+  job.ld_out = N;
+  Routing one;
+  one.row_begin = row_begin;
+  Items items = make_items(one, ceil_div(N, TILE_N), 1);
+  job.item_expert = items.expert.data();
+  job.item_tile0 = items.tile0.data();
+  job.item_tile1 = items.tile1.data();
+  run_gemm(kern, job, items, TILE_N * K * w.element_size());
+  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -809,5 +859,6 @@ TORCH_LIBRARY(moekern_cpu, m) {
   m.def("route(Tensor logits, int scoring, int top_k, bool renormalize, float scaling, int n_group, int topk_group, "
         "bool group_top2, Tensor? alive, Tensor? correction_bias, float skip_beta, Tensor? expert_row) -> Tensor[]",
         &route);
+  m.def("linear_dense(Tensor x, Tensor w, Tensor? bias, int isa) -> Tensor", &linear_dense);
   m.def("read_bytes(Tensor buf, int isa) -> int", &read_bytes);
 }

@@ -195,6 +195,12 @@ def linear_4bit(x: torch.Tensor, weight: tuple, bias=None, input_scale=None) -> 
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def linear_dense(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear for a few rows (decode) with fp32 or bf16 weights: each weight row read once for all rows."""
+    out = ops().linear_dense(x.reshape(-1, x.shape[-1]), weight, bias, isa())
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 SCORING = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 
 
