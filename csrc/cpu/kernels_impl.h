@@ -7,7 +7,7 @@
 //   4-bit INT8:  sum over blocks b of  s_g * d_b * (sum_k q_k xq_k - z_g * sum_k xq_k)      (exact int32 inner sums)
 //   4-bit BF16:  sum over groups g of  s_g * (sum_k q_k bf16(x_k) - z_g * sum_k bf16(x_k))
 //   4-bit FP32:  sum over groups g of  s_g * sum_k (q_k - z_g) x_k
-//   dense:       sum_k w_k x_k in fp32 (bf16 weights widened exactly)
+//   dense:       sum_k w_k x_k in fp32 (bf16 weights widened exactly, or vdpbf16ps on bf16 activations)
 // The epilogues (gated activation, bias, routing weight) are the reference's formulas in fp32.
 
 #if MOEKERN_ISA_LEVEL >= 2
