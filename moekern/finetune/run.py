@@ -81,6 +81,9 @@ def finetune(model, data=None, out=None, config: FinetuneConfig = FinetuneConfig
         raise MoekernError("this model's weights are 4-bit and cannot be fine-tuned in full: use --lora (LoRA over the "
                            "frozen 4-bit weights, QLoRA), or fine-tune the 16-bit model and quantize after "
                            "(moekern compress --recipe awq4)")
+    if surgery.decisions(model).get("prune"):
+        raise MoekernError("this model was pruned (Wanda/SparseGPT): fine-tuning would fill the zeros that pruning "
+                           "made; fine-tune before pruning (trim, fine-tune, then prune)")
     if lora_module.adapter_count(model):
         raise MoekernError("this model carries unmerged LoRA adapters over its 4-bit experts from an earlier "
                            "fine-tuning; merge them first (moekern finetune ... --lora --merge)")
