@@ -138,6 +138,18 @@ def test_full_finetuning_learns_and_keeps_the_compression_fixed(tmp_path, tokeni
     assert d == decisions and surgery.decisions(tuned)["finetune"][0]["steps"] == 12
 
 
+def test_train_router_trains_it_with_the_models_aux_loss(tmp_path, tokenizer):
+    model = small(num_hidden_layers=2)
+    surgery.drop_experts(model, {0: [0, 2, 3, 5]}, mask_only=True)
+    model.config.router_aux_loss_coef = 0.02
+    config = FinetuneConfig(max_steps=3, learning_rate=3e-3, weight_decay=0.1, train_router=True, **FAST)
+    result = finetune(model, text_file(tmp_path), None, config, tokenizer=tokenizer, progress=False)
+    router, tuned = model.model.layers[0].mlp.gate.weight, result.model.model.layers[0].mlp.gate.weight
+    assert not torch.equal(tuned[[0, 2]], router[[0, 2]])  # live experts' router rows move
+    assert torch.equal(tuned[[1, 4]], router[[1, 4]])  # masked experts' rows stay, despite weight decay
+    assert "router trained" in result.report["how"]
+
+
 def test_qlora_keeps_4bit_weights_bit_identical_and_reloads_with_its_adapters(tmp_path, tokenizer):
     from moekern.quant import QuantConfig, quantize_
 

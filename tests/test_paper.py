@@ -218,11 +218,13 @@ def test_an_interrupted_paper_run_keeps_what_it_measured(tmp_path, monkeypatch):
 def test_paper_finetune_section(paper_run):
     """Section 8: the rows of FINETUNE_RECIPES among --recipes are fine-tuned after they are measured, and
     finetune.md gives held-out perplexity before compression, after it and after fine-tuning."""
+    from moekern.bench.paper_finetune import FINETUNE_LR
+
     out = paper_run
     lines = records(out / "paper.jsonl")
     (tuned,) = [r for r in lines if r["kind"] == "finetune"]  # layer-drop=2 is the one fine-tuned row here
     assert tuned["recipe"] == "layer-drop=2" and tuned["status"] == "ok", tuned
-    assert tuned["budget"] == {"steps": 2, "global_batch": 2, "lr": 3e-4} and tuned["eval_tokens"] == 4 * 256
+    assert tuned["budget"] == {"steps": 2, "global_batch": 2, "lr": FINETUNE_LR} and tuned["eval_tokens"] == 4 * 256
     evals = {(r["row"], r["task"]): r["value"] for r in lines if r["kind"] == "eval"}
     report = json.loads((out / "finetune.json").read_text())
     (row,) = report["rows"]

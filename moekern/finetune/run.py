@@ -87,6 +87,8 @@ def finetune(model, data=None, out=None, config: FinetuneConfig = FinetuneConfig
     if lora_module.adapter_count(model):
         raise MoekernError("this model carries unmerged LoRA adapters over its 4-bit experts from an earlier "
                            "fine-tuning; merge them first (moekern finetune ... --lora --merge)")
+    if config.lora is not None:
+        lora_module.find_targets(model, config.lora.targets)  # targets that match nothing fail before any work
     seq_len = config.seq_len or default_seq_len(model, tokenizer)
     if data is None and not is_shipped_tokenizer(tokenizer):
         raise MoekernError("give the training data (--data PATH): the shipped corpus is the default only for the "
