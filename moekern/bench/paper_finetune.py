@@ -186,8 +186,12 @@ def write_finetune_report(records_path: Path, out: Path) -> list[Path]:
                 if control_after is not None:
                     row["gap_to_finetuned_baseline_pct"] = 100 * (after / control_after - 1)
         rows.append(row)
+    meta = runs[-1] if runs else {}
     data = {"run": run, "baseline_heldout_ppl": baseline, "control_finetuned_ppl": control_after, "rows": rows,
-            "command": runs[-1].get("argv") if runs else None}
+            "command": " ".join(meta.get("argv") or []) or None, "commit": meta.get("commit"),
+            "machine": meta.get("machine"), "threads": meta.get("threads"),
+            "versions": {k: meta.get(k) for k in ("torch", "transformers", "python") if meta.get(k)},
+            "section_seconds": round(sum(r.get("seconds") or 0 for r in tuned), 1)}
     (out / REPORT_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / REPORT_MD).write_text(finetune_markdown(data))
     return [out / REPORT_MD, out / REPORT_JSON]
@@ -218,6 +222,10 @@ def finetune_markdown(data: dict) -> str:
         versus = (f"{r['gap_to_finetuned_baseline_pct']:+.1f}%" if "gap_to_finetuned_baseline_pct" in r else "")
         lines.append(f"| {r['label']} | `{r['recipe']}` | {_f(r.get('baseline'))} | {_f(r['compressed'])} | "
                      f"{_f(r['finetuned'])} | {gap} | {closed} | {versus} | {r['order']} |")
+    if data.get("command"):
+        lines += ["", f"Command: `{data['command']}` (commit {data.get('commit')}, {data.get('machine')}, "
+                      f"{data.get('threads')} threads); the section took {data['section_seconds']:.0f} s in all "
+                      f"(fine-tuning and perplexity, summed over its rows)."]
     lines += ["", "Gap closed: (compressed - fine-tuned) / (compressed - baseline), the share of the perplexity that "
               "compression cost and fine-tuning won back (over 100%: better than the baseline). The control row "
               "fine-tunes the uncompressed model with the same budget: 'vs fine-tuned baseline' compares each "
