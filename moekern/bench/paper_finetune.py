@@ -155,18 +155,25 @@ def _continued_from(recipes: list[str], order: str) -> set[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The section's report: finetune.md and finetune.json, from paper.jsonl alone
 # ----------------------------------------------------------------------------------------------------------------------
-def write_finetune_report(records_path: Path, out: Path) -> list[Path]:
+def write_finetune_report(records_path, out: Path) -> list[Path]:
+    """finetune.md and finetune.json in `out`, from the last run in a paper.jsonl (or in each of several, whose
+    rows are then put together: one section split over processes)."""
     from moekern.bench.records import read_records
 
-    records = read_records([records_path])
-    runs = [r for r in records if r["kind"] == "run"]
-    run = runs[-1]["run"] if runs else None
-    records = [r for r in records if r.get("run") == run]
-    tuned = [r for r in records if r["kind"] == "finetune"]
+    paths = records_path if isinstance(records_path, (list, tuple)) else [records_path]
+    tuned, metas, baselines = [], [], []
+    for path in paths:
+        records = read_records([path])
+        runs = [r for r in records if r["kind"] == "run"]
+        run = runs[-1]["run"] if runs else None
+        records = [r for r in records if r.get("run") == run]
+        tuned += [r for r in records if r["kind"] == "finetune"]
+        metas += runs[-1:]
+        baselines += [r["value"] for r in records if r["kind"] == "eval" and r.get("row") == 0
+                      and r.get("task") == "moekern_heldout_ppl"]
     if not tuned:
         return []
-    baseline = next((r["value"] for r in records if r["kind"] == "eval" and r.get("row") == 0
-                     and r.get("task") == "moekern_heldout_ppl"), None)
+    baseline = baselines[0] if baselines else None
     control = next((r for r in tuned if r["recipe"] == "none" and r["status"] == "ok"), None)
     control_after = control["perplexity"]["after"] if control else None
     rows = []
@@ -186,12 +193,17 @@ def write_finetune_report(records_path: Path, out: Path) -> list[Path]:
                 if control_after is not None:
                     row["gap_to_finetuned_baseline_pct"] = 100 * (after / control_after - 1)
         rows.append(row)
-    meta = runs[-1] if runs else {}
-    data = {"run": run, "baseline_heldout_ppl": baseline, "control_finetuned_ppl": control_after, "rows": rows,
-            "command": " ".join(meta.get("argv") or []) or None, "commit": meta.get("commit"),
+    order = {"none": -1, **{text: i for i, text in enumerate(FINETUNE_RECIPES)}}
+    rows.sort(key=lambda row: order.get(row["recipe"], len(order)))
+    meta = metas[-1] if metas else {}
+    data = {"runs": [m["run"] for m in metas], "baseline_heldout_ppl": baseline, "baselines_measured": baselines,
+            "control_finetuned_ppl": control_after, "rows": rows,
+            "commands": [" ".join(m.get("argv") or []) for m in metas], "commits": [m.get("commit") for m in metas],
             "machine": meta.get("machine"), "threads": meta.get("threads"),
             "versions": {k: meta.get(k) for k in ("torch", "transformers", "python") if meta.get(k)},
             "section_seconds": round(sum(r.get("seconds") or 0 for r in tuned), 1)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / REPORT_MD).write_text(finetune_markdown(data))
     return [out / REPORT_MD, out / REPORT_JSON]
@@ -222,10 +234,14 @@ def finetune_markdown(data: dict) -> str:
         versus = (f"{r['gap_to_finetuned_baseline_pct']:+.1f}%" if "gap_to_finetuned_baseline_pct" in r else "")
         lines.append(f"| {r['label']} | `{r['recipe']}` | {_f(r.get('baseline'))} | {_f(r['compressed'])} | "
                      f"{_f(r['finetuned'])} | {gap} | {closed} | {versus} | {r['order']} |")
-    if data.get("command"):
-        lines += ["", f"Command: `{data['command']}` (commit {data.get('commit')}, {data.get('machine')}, "
-                      f"{data.get('threads')} threads); the section took {data['section_seconds']:.0f} s in all "
-                      f"(fine-tuning and perplexity, summed over its rows)."]
+    commands = [c for c in data.get("commands") or [] if c]
+    if commands:
+        lines += ["", f"Command{'s (one section split over processes run side by side)' if len(commands) > 1 else ''}"
+                      f" ({data.get('machine')}, {data.get('threads')} threads, commit "
+                      f"{', '.join(sorted({str(c) for c in data.get('commits') or []}))}):", "",
+                  *[f"    {c}" for c in commands], "",
+                  f"The section took {data['section_seconds']:.0f} s in all (fine-tuning and perplexity, summed over "
+                  f"its rows)."]
     lines += ["", "Gap closed: (compressed - fine-tuned) / (compressed - baseline), the share of the perplexity that "
               "compression cost and fine-tuning won back (over 100%: better than the baseline). The control row "
               "fine-tunes the uncompressed model with the same budget: 'vs fine-tuned baseline' compares each "

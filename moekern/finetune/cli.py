@@ -81,7 +81,8 @@ def config_from_args(args) -> FinetuneConfig:
         lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps, seq_len=args.seq_len, bf16=args.bf16, lora=lora,
-        train_router=args.train_router, eval_tokens=args.eval_tokens)
+        train_router=args.train_router, eval_tokens=args.eval_tokens,
+        extra={"command": " ".join(["moekern", *getattr(args, "argv", [])])})
 
 
 def run_finetune(args) -> int:
@@ -106,7 +107,8 @@ def run_finetune(args) -> int:
     print(f"method      {r['method']}: {r['how']}")
     print(f"data        {data['source']} ({data['kind']}: {data['examples']:,} examples of up to {r['seq_len']} "
           f"tokens, {data['target_tokens']:,} target tokens)")
-    print(f"trained     {r['steps']} steps, {r['trainable_parameters']:,} of {r['parameters']:,} parameters, "
+    print(f"trained     {r['steps']} steps, {r['trainable_parameters']:,} trainable parameters (the model has "
+          f"{r['parameters']:,}), "
           f"{r['train_seconds']:.1f} s" + (f" (resumed from {r['resumed_from']})" if r["resumed_from"] else ""))
     unmerged = f" ({ppl['after_unmerged']:.2f} before the 4-bit merge)" if "after_unmerged" in ppl else ""
     print(f"perplexity  {ppl['before']:.2f} -> {ppl['after']:.2f}{unmerged} on {r['eval']['tokens']:,} held-out "

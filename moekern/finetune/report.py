@@ -31,7 +31,8 @@ def markdown(report: dict) -> str:
         f"| schedule | lr {settings['learning_rate']:g}, {settings['lr_scheduler_type']}, warm-up ratio "
         f"{settings['warmup_ratio']:g}, weight decay {settings['weight_decay']:g}, grad clip "
         f"{settings['max_grad_norm']:g} |",
-        f"| trainable | {report['trainable_parameters']:,} of {report['parameters']:,} parameters |",
+        f"| trainable | {report['trainable_parameters']:,} parameters (the model has {report['parameters']:,}, a "
+        f"4-bit weight counted as the weights it holds) |",
         f"| frozen check | {report['frozen_check']['tensors']} tensors (router, 4-bit weights) bit-identical: "
         f"{'yes' if report['frozen_check']['bit_identical'] else 'NO'} |",
         f"| time | {report['train_seconds']:.1f} s training, {report['seconds']:.1f} s in all on {report['device']} |",
@@ -58,6 +59,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Training loss (mean next-token NLL of each global batch):", "",
                   "| step | " + " | ".join(str(e["step"]) for e in picks) + " |", "|---|" + "---|" * len(picks),
                   "| loss | " + " | ".join(f"{e['loss']:.3f}" for e in picks) + " |"]
+    if (report.get("extra") or {}).get("command"):
+        lines += ["", f"Command: `{report['extra']['command']}`."]
     if report.get("resumed_from"):
         lines += ["", f"Resumed from {report['resumed_from']}."]
     return "\n".join(lines) + "\n"

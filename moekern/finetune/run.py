@@ -52,6 +52,7 @@ def finetune(model, data=None, out=None, config: FinetuneConfig = FinetuneConfig
     from moekern.finetune import data as data_module
     from moekern.finetune import lora as lora_module
     from moekern.finetune.train import Plan, train
+    from moekern.model_info import describe
 
     started = time.perf_counter()
     config.validate()
@@ -140,7 +141,7 @@ def finetune(model, data=None, out=None, config: FinetuneConfig = FinetuneConfig
         "finished": finished,
         "data": examples.describe(), "eval": {"source": eval_name, "tokens": int(windows.numel()), "seq_len": seq_len},
         "lora": None if config.lora is None else {**asdict(config.lora), "adapted": found, "unloaded": unloaded},
-        "trainable_parameters": trainable, "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": trainable, "parameters": describe(model)["parameters"],
         "settings": _settings(config), "extra": config.extra,
         "plan": None if history.plan is None else asdict(history.plan),
         "log": history.log, "checkpoints": history.checkpoints, "checkpoint_dir": None if checkpoint_dir is None
