@@ -183,48 +183,50 @@ def align_kernel(
     num_pairs, num_experts, max_padded,
     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    e = tl.arange(0, E_PAD)
+    """One program per expert. Each counts every expert's pairs (a histogram: the same numbers in every program, so
+    no program waits for another), takes its run's start from their padded prefix sum, and writes its own run: its
+    pairs in pair order, its padding, its blocks. The rows and blocks past the used ones are shared out."""
+    me = tl.program_id(0)
+    programs = tl.num_programs(0)
     c = tl.arange(0, CHUNK)
-    # Pass 1: pairs per expert. Negative ids (skipped, empty) and ids past num_experts match no column.
+    # Pass 1: pairs per expert. Ids outside 0..num_experts - 1 (skipped slots, empty ones) count in the spare bin
+    # E_PAD - 1, never an expert's (E_PAD > num_experts).
     counts = tl.zeros((E_PAD,), tl.int32)
     for base in range(0, num_pairs, CHUNK):
         ex = tl.load(expert_ptr + base + c, mask=base + c < num_pairs, other=-1)
-        counts += tl.sum((ex[:, None] == e[None, :]).to(tl.int32), axis=0)
+        counts += tl.histogram(tl.where((ex >= 0) & (ex < num_experts), ex, E_PAD - 1), E_PAD)
+    e = tl.arange(0, E_PAD)
     counts = tl.where(e < num_experts, counts, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
     total = tl.sum(padded, axis=0)
-    tl.store(num_padded_ptr, total)
-
-    # Pass 2: each pair's row = its expert's start + the pairs of that expert before it (stable order).
-    running = tl.zeros((E_PAD,), tl.int32)
-    for base in range(0, num_pairs, CHUNK):
-        pair = base + c
-        ex = tl.load(expert_ptr + pair, mask=pair < num_pairs, other=-1)
-        onehot = ((ex[:, None] == e[None, :]) & (e < num_experts)[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, axis=0) - 1 + (starts + running)[None, :]
-        row = tl.sum(onehot * rank, axis=1)
-        tl.store(sorted_ptr + row, pair, mask=tl.sum(onehot, axis=1) > 0)
-        running += tl.sum(onehot, axis=0)
-
-    # Pass 3: the rows no pair took point past the end: each run's padding (under BLOCK_M rows an expert), then
-    # every row past the used ones. Disjoint from the rows of pass 2, so no ordering between the passes is needed.
-    m = tl.arange(0, BLOCK_M)
-    for ex in range(0, num_experts):
-        mine = e == ex
-        pad_from = tl.sum(tl.where(mine, starts + counts, 0), axis=0)
-        pad_to = tl.sum(tl.where(mine, ends, 0), axis=0)
-        tl.store(sorted_ptr + pad_from + m, tl.zeros((BLOCK_M,), tl.int32) + num_pairs, mask=pad_from + m < pad_to)
-    for base in range(total, max_padded, CHUNK):
+    mine = e == me
+    start = tl.sum(tl.where(mine, ends - padded, 0), axis=0)
+    count = tl.sum(tl.where(mine, counts, 0), axis=0)
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    if me == 0:
+        tl.store(num_padded_ptr, total)
+    if count > 0:
+        # Pass 2: my pairs, in pair order (stable): row = start + the pairs of mine before it
+        running = start
+        for base in range(0, num_pairs, CHUNK):
+            pair = base + c
+            hit = (tl.load(expert_ptr + pair, mask=pair < num_pairs, other=-1) == me).to(tl.int32)
+            tl.store(sorted_ptr + running + tl.cumsum(hit, axis=0) - 1, pair, mask=hit > 0)
+            running += tl.sum(hit, axis=0)
+        # my run's padding (under BLOCK_M rows) points past the last pair; my blocks are mine
+        m = tl.arange(0, BLOCK_M)
+        pad = start + count + m
+        tl.store(sorted_ptr + pad, tl.zeros((BLOCK_M,), tl.int32) + num_pairs, mask=pad < end)
+        for b in range(start // BLOCK_M, end // BLOCK_M, CHUNK):
+            tl.store(block_expert_ptr + b + c, tl.zeros((CHUNK,), tl.int32) + me, mask=b + c < end // BLOCK_M)
+    # Rows past the used ones point past the last pair, blocks past them have no expert (-1): chunks dealt out
+    # round-robin to the programs.
+    for base in range(total + me * CHUNK, max_padded, programs * CHUNK):
         tl.store(sorted_ptr + base + c, tl.zeros((CHUNK,), tl.int32) + num_pairs, mask=base + c < max_padded)
-    # The expert of each block: the first expert whose run ends after the block's first row; -1 past the used rows.
     num_blocks = max_padded // BLOCK_M
-    for base in range(0, num_blocks, CHUNK):
-        b = base + c
-        row = b * BLOCK_M
-        owner = tl.sum((ends[None, :] <= row[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(row < total, owner, -1), mask=b < num_blocks)
+    for base in range(total // BLOCK_M + me * CHUNK, num_blocks, programs * CHUNK):
+        tl.store(block_expert_ptr + base + c, tl.full((CHUNK,), -1, tl.int32), mask=base + c < num_blocks)
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -232,8 +234,18 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return max(triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m, block_m)
 
 
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """How many blocks any routing of num_pairs pairs can use: each expert's run takes floor(count / block_m) full
+    blocks and at most one partial block, and at most min(experts, pairs) experts have pairs. Tighter than
+    max_padded_rows / block_m where pairs are few (decode: 8 pairs on 256 experts use at most 8 blocks, not 241): the
+    GEMM grids use it, and align_block_size marks the blocks past it -1 like every unused block."""
+    return max(1, min(max_padded_rows(num_pairs, num_experts, block_m) // block_m,
+                      num_pairs // block_m + min(num_experts, num_pairs)))
+
+
 def align_block_size(expert_of_pair: torch.Tensor, num_experts: int, block_m: int):
-    """reference.align_block_size on the GPU: (sorted_pairs, block_expert, num_padded), all int32, static shapes."""
+    """reference.align_block_size on the GPU: (sorted_pairs, block_expert, num_padded), all int32, static shapes.
+    One launch, one program per expert."""
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, not {block_m}")
     pairs = expert_of_pair.reshape(-1)
@@ -246,12 +258,11 @@ def align_block_size(expert_of_pair: torch.Tensor, num_experts: int, block_m: in
     sorted_pairs = _alloc(max_padded, dtype=torch.int32, device=device)
     block_expert = _alloc(max_padded // block_m, dtype=torch.int32, device=device)
     num_padded = _alloc(1, dtype=torch.int32, device=device)
-    e_pad = triton.next_power_of_2(max(num_experts, 2))
-    # a [CHUNK, E_PAD] one-hot (and its cumulative sum) per step: 4K elements over 8 warps, no spills (ptxas, sm_90)
-    chunk = max(16, min(256, 4096 // e_pad))
-    align_kernel[(1,)](pairs, sorted_pairs, block_expert, num_padded, n, num_experts, max_padded,
-                       BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
+    e_pad = triton.next_power_of_2(num_experts + 1)  # one spare bin for ids that name no expert
+    chunk = max(32, min(1024, triton.next_power_of_2(max(n, 1))))
+    align_kernel[(num_experts,)](pairs, sorted_pairs, block_expert, num_padded, n, num_experts, max_padded,
+                                 BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=4)
     return sorted_pairs, block_expert, num_padded
 
 
-__all__ = ["route", "align_block_size", "max_padded_rows", "NO_EXPERT"]
+__all__ = ["route", "align_block_size", "max_padded_rows", "max_blocks", "NO_EXPERT"]
