@@ -350,26 +350,37 @@ def _q4_step_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stri
 
 
 @triton.jit
-def _q4_group_mma(acc, wp, xt, z_lo, z_hi, s_lo, s_hi, sub: tl.constexpr, BLOCK_N: tl.constexpr,
-                  GROUP: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc += (q - zero)[rows, group `sub` of the K step] @ xt, times the rows' scales: the group's words start
-    sub * GROUP / 64 blocks past wp. The scales are put in the order of the MMA's rows (16 nb + 8 hi + g), so that
-    they meet its result without a layout conversion."""
+def _q4_group_acc(acc, wp, xt, z_lo, z_hi, s_lo, s_hi, sub: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr,
+                  FACTORED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc += dequantize(W)[rows, group `sub` of the K step] @ xt (the group's words start sub * GROUP / 64 blocks
+    past wp). FACTORED: the MMA takes q - zero and its result is multiplied by the rows' scales, put in the order of
+    the MMA's rows (16 nb + 8 hi + g) so that they meet it without a layout conversion: the fewest instructions, but
+    each wgmma is waited for. Else the scales go into the dequantization and the MMA accumulates in place: the
+    asynchronous wgmma stays in flight into the next step (prefill)."""
     NB: tl.constexpr = BLOCK_N // 16
-    w = _q4_decode(wp + sub * _q4_step(GROUP, ASM), z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW)
-    s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
-    return _mma(acc, w, xt, s, True, DOT_FP32)
+    wp = wp + sub * _q4_step(GROUP, ASM)
+    if FACTORED:
+        w = _q4_decode(wp, z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW)
+        s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
+        acc = _mma(acc, w, xt, s, True, DOT_FP32)
+    else:
+        w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, GROUP, DT, ASM, True, KW)
+        acc = _mma(acc, w, xt, acc, False, DOT_FP32)
+    return acc
 
 
 @triton.jit
 def _q4_scaled_meta(z_ptr, s_ptr, e, half, n0, k0, N, num_groups, stride_se, stride_sg, stride_sn, half_col,
                     N_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """Zeros and scales of rows g and g + 8 at the group of each 16-k word of the step at k0, [KB, NB, 8, 1, 4, 1]
-    (several groups a K step: the scale goes into the dequantization). Groups past K read zero and scale 0."""
+    """Zeros and scales of rows g and g + 8 at the group of each 64-k block of the step at k0 (each 16-k word where
+    groups are narrower), [KB, NB, 8, 1, 4 or 1, 1]: the scale goes into the dequantization. Groups past K read zero
+    and scale 0."""
     KB: tl.constexpr = BLOCK_K // 64
     NB: tl.constexpr = BLOCK_N // 16
+    JG: tl.constexpr = 4 if GROUP < 64 else 1
     kb = tl.arange(0, KB)[:, None, None, None, None, None]
-    j = tl.arange(0, 4)[None, None, None, None, :, None]
+    j = tl.arange(0, JG)[None, None, None, None, :, None]
     grp = (k0 + 64 * kb + 16 * j) // GROUP
     row = n0 + tl.arange(0, NB)[None, :, None, None, None, None] * 16 + tl.arange(0, 8)[None, None, :, None, None, None]
     meta = e * stride_se + grp * stride_sg + (row * N_MUL + half * half_col) * stride_sn
@@ -498,10 +509,11 @@ def gate_up_kernel(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
-    FACTORED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, KW: tl.constexpr,
+    GROUPED: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, KW: tl.constexpr,
 ):
     """4-bit weights: w_ptr holds the tensor-core words (stride_wn: between 16-row blocks); scales and zeros keep
-    moekern's layout. FACTORED: a K step is whole groups, each group's MMA result times its scales."""
+    moekern's layout. GROUPED: a K step is whole groups (see _q4_group_acc for FACTORED); else 64-k steps with a
+    zero and scale per 16-k word (groups of 16 and 32)."""
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks, num_n, GROUP_M)
     split = tl.program_id(1)
@@ -523,14 +535,14 @@ def gate_up_kernel(
         acc_u = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        # FACTORED: a K step is SUB whole groups; each is its own MMA, its result times the group's scales
-        KS: tl.constexpr = GROUP if QUANT and FACTORED else BLOCK_K
+        # GROUPED: a K step is SUB whole groups (of 64 or more), each its own MMA, zeros and scales read a step ahead
+        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
         SUB: tl.constexpr = BLOCK_K // KS
         xp = x_ptr + token[:, None].to(tl.int64) * stride_xt + (k_start + tl.arange(0, KS))[None, :]
         if QUANT:
             wp_g = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
             wp_u = _q4_words(w_ptr, e, 1, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
-            if FACTORED:  # zeros and scales of the first step; the loop reads each next step's ahead
+            if GROUPED:  # zeros and scales of the first step; the loop reads each next step's ahead
                 g0, g1, g2, g3, g4, g5, g6, g7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, k_start // GROUP, I,
                                                                num_groups, stride_se, stride_sg, stride_sn, half_col,
                                                                N_MUL, BLOCK_N, SUB, EVEN_N)
@@ -543,14 +555,18 @@ def gate_up_kernel(
                 (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
             wp_u = wp_g + half_col * stride_wn
         for k0 in range(k_start, k_end, BLOCK_K):
-            if QUANT and FACTORED:
-                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
-                acc_g = _q4_group_mma(acc_g, wp_g, xt, g0, g1, g2, g3, 0, BLOCK_N, GROUP, DT, ASM, KW, DOT_FP32)
-                acc_u = _q4_group_mma(acc_u, wp_u, xt, u0, u1, u2, u3, 0, BLOCK_N, GROUP, DT, ASM, KW, DOT_FP32)
-                if SUB == 2:
-                    xt = _load_rows(xp + KS, k0 + KS, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
-                    acc_g = _q4_group_mma(acc_g, wp_g, xt, g4, g5, g6, g7, 1, BLOCK_N, GROUP, DT, ASM, KW, DOT_FP32)
-                    acc_u = _q4_group_mma(acc_u, wp_u, xt, u4, u5, u6, u7, 1, BLOCK_N, GROUP, DT, ASM, KW, DOT_FP32)
+            if QUANT and GROUPED:
+                for sub in tl.static_range(SUB):
+                    xt = _load_rows(xp + sub * KS, k0 + sub * KS, k_end, in_scale_ptr, e, stride_ie, DT, KS,
+                                    HAS_IN_SCALE, EVEN_K)
+                    if sub == 0:
+                        zg_lo, zg_hi, sg_lo, sg_hi, zu_lo, zu_hi, su_lo, su_hi = g0, g1, g2, g3, u0, u1, u2, u3
+                    else:
+                        zg_lo, zg_hi, sg_lo, sg_hi, zu_lo, zu_hi, su_lo, su_hi = g4, g5, g6, g7, u4, u5, u6, u7
+                    acc_g = _q4_group_acc(acc_g, wp_g, xt, zg_lo, zg_hi, sg_lo, sg_hi, sub, BLOCK_N, GROUP, DT, ASM,
+                                          KW, FACTORED, DOT_FP32)
+                    acc_u = _q4_group_acc(acc_u, wp_u, xt, zu_lo, zu_hi, su_lo, su_hi, sub, BLOCK_N, GROUP, DT, ASM,
+                                          KW, FACTORED, DOT_FP32)
                 nxt = (k0 + BLOCK_K) // GROUP
                 g0, g1, g2, g3, g4, g5, g6, g7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, nxt, I, num_groups, stride_se,
                                                                stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, SUB,
@@ -630,8 +646,8 @@ def down_kernel(
     stride_pp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
-    DOT_FP32: tl.constexpr, ASM: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    KW: tl.constexpr,
+    DOT_FP32: tl.constexpr, ASM: tl.constexpr, GROUPED: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, KW: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks, num_n, GROUP_M)
@@ -649,13 +665,13 @@ def down_kernel(
         acc = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        KS: tl.constexpr = GROUP if QUANT and FACTORED else BLOCK_K
+        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
         SUB: tl.constexpr = BLOCK_K // KS
         xp = inter_ptr + tl.where(row_ok, pairs, 0)[:, None].to(tl.int64) * stride_it + \
             (k_start + tl.arange(0, KS))[None, :]
         if QUANT:
             wp = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
-            if FACTORED:
+            if GROUPED:
                 m0, m1, m2, m3, m4, m5, m6, m7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, k_start // GROUP, N,
                                                                num_groups, stride_se, stride_sg, stride_sn, 0, 1,
                                                                BLOCK_N, SUB, EVEN_N)
@@ -663,12 +679,13 @@ def down_kernel(
             wp = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + \
                 (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
         for k0 in range(k_start, k_end, BLOCK_K):
-            if QUANT and FACTORED:
+            if QUANT and GROUPED:
                 xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
-                acc = _q4_group_mma(acc, wp, xt, m0, m1, m2, m3, 0, BLOCK_N, GROUP, DT, ASM, KW, DOT_FP32)
+                acc = _q4_group_acc(acc, wp, xt, m0, m1, m2, m3, 0, BLOCK_N, GROUP, DT, ASM, KW, FACTORED, DOT_FP32)
                 if SUB == 2:
                     xt = _load_rows(xp + KS, k0 + KS, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
-                    acc = _q4_group_mma(acc, wp, xt, m4, m5, m6, m7, 1, BLOCK_N, GROUP, DT, ASM, KW, DOT_FP32)
+                    acc = _q4_group_acc(acc, wp, xt, m4, m5, m6, m7, 1, BLOCK_N, GROUP, DT, ASM, KW, FACTORED,
+                                        DOT_FP32)
                 m0, m1, m2, m3, m4, m5, m6, m7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, (k0 + BLOCK_K) // GROUP, N,
                                                                num_groups, stride_se, stride_sg, stride_sn, 0, 1,
                                                                BLOCK_N, SUB, EVEN_N)
@@ -767,6 +784,11 @@ def _asm(x: torch.Tensor, wt: _Weight) -> bool:
     return wt.quant and not INTERPRETED and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _grouped(wt: _Weight, cfg: tuning.GemmConfig) -> bool:
+    """K steps of one or two whole groups of 64 or more (zeros and scales read a step ahead, one row each)."""
+    return wt.quant and wt.group >= tuning.QUANT_K and cfg.BLOCK_K % wt.group == 0 and cfg.BLOCK_K // wt.group <= 2
+
+
 def _word_view(wt: _Weight, asm: bool) -> torch.Tensor:
     return wt.w.view(torch.uint8) if asm else wt.w
 
@@ -817,7 +839,8 @@ def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top
         b.stride(0) if b is not None else 0, stride_ie, inter.stride(0), float(act.alpha), float(act.limit),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, GROUP_M=cfg.GROUP_M,
         QUANT=wt.quant, GROUP=wt.group, ACT=ACT[act.kind], HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale,
-        DOT_FP32=_dot_fp32(x, w), ASM=asm, FACTORED=cfg.FACTORED, EVEN_N=i % cfg.BLOCK_N == 0,
+        DOT_FP32=_dot_fp32(x, w), ASM=asm, GROUPED=_grouped(wt, cfg), FACTORED=cfg.FACTORED,
+        EVEN_N=i % cfg.BLOCK_N == 0,
         EVEN_K=k % cfg.BLOCK_K == 0 and k_per_split % cfg.BLOCK_K == 0, KW=kwidth,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -844,7 +867,7 @@ def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, n
         b.stride(0) if b is not None else 0, stride_ie, part.stride(0), part.stride(1),
         BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, QUANT=wt.quant, GROUP=wt.group,
         HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, DOT_FP32=_dot_fp32(inter, w), ASM=asm,
-        FACTORED=cfg.FACTORED, EVEN_N=n % cfg.BLOCK_N == 0,
+        GROUPED=_grouped(wt, cfg), FACTORED=cfg.FACTORED, EVEN_N=n % cfg.BLOCK_N == 0,
         EVEN_K=k % cfg.BLOCK_K == 0 and k_per_split % cfg.BLOCK_K == 0, KW=kwidth,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

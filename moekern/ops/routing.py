@@ -159,8 +159,11 @@ def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = N
     bias_t = correction_bias.float().contiguous() if correction_bias is not None else logits
     has_skip = skip_beta is not None and skip_beta > 0
     e_pad = triton.next_power_of_2(num_experts)
-    # A whole logit row lives in registers: keep BLOCK_T x E_PAD near 4K elements per program.
-    block_t = max(1, min(block_t, triton.next_power_of_2(num_tokens), 4096 // e_pad or 1))
+    # A whole logit row lives in registers, in some eight [BLOCK_T, E_PAD] tensors at once: keep each at 8 elements
+    # a thread (2K elements over 8 warps), so that DeepSeek-V3's 256 experts in groups fit (ptxas, sm_90: 80
+    # registers; 16 tokens a program took 254).
+    block_t = max(1, min(block_t, triton.next_power_of_2(num_tokens), 2048 // e_pad or 1))
+    warps = max(4, min(8, block_t * e_pad // 256))
     grid = (triton.cdiv(num_tokens, block_t),)
     route_kernel[grid](
         logits, alive_t, bias_t, weights, ids,
@@ -169,7 +172,7 @@ def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = N
         SCORING=SCORING[spec.scoring], RENORMALIZE=spec.renormalize and spec.scoring != "topk_softmax",
         HAS_ALIVE=alive is not None, HAS_BIAS=correction_bias is not None and spec.scoring != "topk_softmax",
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, GROUP_TOP2=spec.group_score == "top2_sum",
-        G_PAD=triton.next_power_of_2(spec.n_group), HAS_SKIP=has_skip,
+        G_PAD=triton.next_power_of_2(spec.n_group), HAS_SKIP=has_skip, num_warps=warps,
     )
     return weights, ids
 

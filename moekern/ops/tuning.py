@@ -28,9 +28,8 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     GROUP_M: int = 8
-    # 4-bit: the scale multiplies the MMA's result once per K step (acc += (Wq @ x^T) * s), which needs the step
-    # to be one quantization group; otherwise it multiplies each weight in the dequantization, and the MMAs can
-    # accumulate in place (kept in flight).
+    # 4-bit, K steps of whole groups: each group's MMA result is multiplied by its scales (acc += (Wq @ x^T) * s);
+    # otherwise the scales multiply each weight in the dequantization, and the MMAs accumulate in place (in flight).
     FACTORED: bool = True
 
 
@@ -110,12 +109,15 @@ def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num
     if bm <= DECODE_ROWS:
         cfg = GemmConfig(BLOCK_N=128 if quant else 64, BLOCK_K=128, num_warps=4, num_stages=4)
     else:
-        cfg = GemmConfig(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg = GemmConfig(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FACTORED=False)
     if quant and group_size is not None:
-        # whole groups a K step where the group allows (each group's MMA result times its scales): two groups of
-        # 64 or 128, one of 256; 16- and 32-wide groups take 64-k steps with the scales in the dequantization
-        factored = QUANT_K <= group_size <= 256
-        cfg = replace(cfg, BLOCK_K=min(2 * group_size, 256) if factored else QUANT_K, FACTORED=factored)
+        # Whole groups a K step where the groups are 64 or wider (two of 64 or 128, one of 256): at decode each
+        # group's MMA result is multiplied by its scales (fewest instructions); at prefill the scales go into the
+        # dequantization and the MMAs accumulate in place, in flight. 16- and 32-wide groups: 64-k steps.
+        grouped = QUANT_K <= group_size <= 256
+        decode = bm <= DECODE_ROWS
+        steps = min(2 * group_size, 256) if decode else min(group_size, 128)
+        cfg = replace(cfg, BLOCK_K=steps if grouped else QUANT_K, FACTORED=grouped and decode)
     # Split K until the grid gives every SM two programs, keeping at least two K steps a split.
     programs = num_blocks * triton.cdiv(n, cfg.BLOCK_N)
     split, sms = 1, num_sms(device)
@@ -136,4 +138,5 @@ def config(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num_b
     if quant:
         bk = max(QUANT_K, bk)
         factored = factored and group_size is not None and bk % group_size == 0 and bk // group_size <= 2
+        factored = factored and group_size >= QUANT_K
     return replace(cfg, BLOCK_K=bk, BLOCK_N=bn, FACTORED=factored)
