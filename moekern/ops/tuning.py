@@ -117,6 +117,8 @@ def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num
         grouped = QUANT_K <= group_size <= 256
         decode = bm <= DECODE_ROWS
         steps = min(2 * group_size, 256) if decode else min(group_size, 128)
+        if not decode and target_arch(device) < 90:  # mma.sync needs more registers a tile: 128-k steps spill
+            steps = QUANT_K
         cfg = replace(cfg, BLOCK_K=steps if grouped else QUANT_K, FACTORED=grouped and decode)
     # Split K until the grid gives every SM two programs, keeping at least two K steps a split.
     programs = num_blocks * triton.cdiv(n, cfg.BLOCK_N)
