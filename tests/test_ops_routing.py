@@ -140,3 +140,21 @@ def test_deepseek_v3_router_at_its_real_size():
     logits, bias = torch.randn(13, 256), torch.randn(256) * 0.1
     alive = torch.rand(256) > 0.1
     check_route(logits, spec, alive, bias, 0.2)
+
+
+def test_route_maps_ids_to_storage_rows_in_the_same_launch():
+    """After Expert Drop sliced the weights, expert_row maps original ids to stored rows inside the route kernel;
+    equal to the reference's ids mapped on the host (what MoEBlock does with four more launches)."""
+    spec = SPECS["deepseek_v3"]
+    experts = 16
+    alive = torch.ones(experts, dtype=torch.bool)
+    alive[[2, 5, 11]] = False
+    kept = torch.nonzero(alive).flatten()
+    expert_row = torch.full((experts,), R.NO_EXPERT, dtype=torch.long)
+    expert_row[kept] = torch.arange(kept.numel())
+    logits, bias = torch.randn(21, experts), torch.randn(experts) * 0.3
+    w_ref, ids_ref = R.route(logits, spec, alive, bias, 0.4)
+    rows_ref = expert_row[ids_ref.clamp(min=0)].masked_fill(ids_ref == R.NO_EXPERT, R.NO_EXPERT)
+    w, rows = routing.route(logits, spec, alive, bias, 0.4, expert_row=expert_row)
+    assert rows.dtype == torch.int32 and torch.equal(rows.long(), rows_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)

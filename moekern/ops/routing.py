@@ -29,12 +29,12 @@ SCORING = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 
 @triton.jit
 def route_kernel(
-    logits_ptr, alive_ptr, bias_ptr, weights_ptr, ids_ptr,
+    logits_ptr, alive_ptr, bias_ptr, row_ptr, weights_ptr, ids_ptr,
     num_tokens, num_experts, stride_t, scaling, beta,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SCORING: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_ALIVE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, G_PAD: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
+    HAS_SKIP: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
@@ -140,13 +140,20 @@ def route_kernel(
 
     out = t[:, None] * TOP_K + s[None, :]
     ok = t_ok[:, None] & (s[None, :] < TOP_K)
+    if HAS_ROWS:  # original expert id -> the row it is stored at (Expert Drop slices the weights); NO_EXPERT stays
+        ids = tl.where(ids >= 0, tl.load(row_ptr + ids, mask=ok & (ids >= 0), other=-1).to(tl.int32), -1)
     tl.store(weights_ptr + out, w, mask=ok)
     tl.store(ids_ptr + out, ids, mask=ok)
 
 
 def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = None,
-          correction_bias: torch.Tensor | None = None, skip_beta: float | None = None, block_t: int = 16):
-    """reference.route on the GPU: logits [T, E] -> (weights [T, k] fp32, ids [T, k] int32, NO_EXPERT = -1)."""
+          correction_bias: torch.Tensor | None = None, skip_beta: float | None = None, block_t: int = 16,
+          expert_row: torch.Tensor | None = None):
+    """reference.route on the GPU: logits [T, E] -> (weights [T, k] fp32, ids [T, k] int32, NO_EXPERT = -1).
+
+    expert_row [E] (int32 or int64): where each original expert is stored after Expert Drop sliced the weights
+    (NO_EXPERT for a dropped one); the ids returned are then storage rows, mapped in the same launch (a caller that
+    remaps ids itself pays four more kernel launches a layer)."""
     num_tokens, num_experts = logits.shape
     k = spec.top_k
     if spec.n_group > 1 and num_experts % spec.n_group:
@@ -160,6 +167,7 @@ def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = N
     alive_t = (alive if alive.dtype in (torch.bool, torch.int8) else alive.to(torch.int8)).contiguous() \
         if alive is not None else logits
     bias_t = correction_bias.float().contiguous() if correction_bias is not None else logits
+    rows_t = expert_row.contiguous() if expert_row is not None else logits
     has_skip = skip_beta is not None and skip_beta > 0
     e_pad = triton.next_power_of_2(num_experts)
     # A whole logit row lives in registers, in some eight [BLOCK_T, E_PAD] tensors at once: keep each at 8 elements
@@ -169,13 +177,14 @@ def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = N
     warps = max(4, min(8, block_t * e_pad // 256))
     grid = (triton.cdiv(num_tokens, block_t),)
     route_kernel[grid](
-        logits, alive_t, bias_t, weights, ids,
+        logits, alive_t, bias_t, rows_t, weights, ids,
         num_tokens, num_experts, logits.stride(0), float(spec.scaling), float(skip_beta or 0.0),
         TOP_K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BLOCK_T=block_t,
         SCORING=SCORING[spec.scoring], RENORMALIZE=spec.renormalize and spec.scoring != "topk_softmax",
         HAS_ALIVE=alive is not None, HAS_BIAS=correction_bias is not None and spec.scoring != "topk_softmax",
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, GROUP_TOP2=spec.group_score == "top2_sum",
-        G_PAD=triton.next_power_of_2(spec.n_group), HAS_SKIP=has_skip, num_warps=warps,
+        G_PAD=triton.next_power_of_2(spec.n_group), HAS_SKIP=has_skip, HAS_ROWS=expert_row is not None,
+        num_warps=warps,
     )
     return weights, ids
 
