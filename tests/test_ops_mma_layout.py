@@ -89,14 +89,14 @@ def test_layout_is_the_compilers_a_operand_layout(kwidth):
 
 def test_layout_of_gate_up_halves_and_gpt_oss_interleave():
     """gate_up goes in two halves, gate and up: the first and last I rows, or even and odd rows (GPT-OSS), each
-    padded to whole 16-row blocks and K to whole 256-k steps."""
+    padded to whole 128-row tiles and K to whole 256-k steps."""
     e, i, k = 2, 24, 96
     q = torch.randint(0, 16, (e, 2 * i, k), dtype=torch.uint8)
     w = moe_gemm.Quant4(layout.pack(q), torch.ones(e, k // 16, 2 * i),
                         torch.zeros(e, k // 16, 2 * i, dtype=torch.uint8))
     for interleaved in (False, True):
         words = moe_gemm.mma_layout(w, 2, interleaved)
-        assert words.shape == (e, 2, 2, 4, 32, 4)  # 24 rows -> 2 blocks of 16, 96 k -> 4 blocks of 64
+        assert words.shape == (e, 2, 8, 4, 32, 4)  # 24 rows -> 8 blocks of 16, 96 k -> 4 blocks of 64
         halves = moe_gemm.mma_unpack(words)[:, :, :i, :k]
         gate, up = (q[:, 0::2], q[:, 1::2]) if interleaved else (q[:, :i], q[:, i:])
         assert torch.equal(halves[:, 0], gate) and torch.equal(halves[:, 1], up)

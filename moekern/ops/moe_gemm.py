@@ -17,16 +17,19 @@ sm_80), and lets 4-bit weights feed the MMA from registers: wgmma and mma.sync t
 while wgmma's B must come from shared memory.
 
 4-bit weights run on a tensor-core layout made once from moekern's (mma_pack, cached per weight by mma_words): each
-lane's eight 4-bit values of one 16 x 16 MMA fragment sit in one int32 word, and a lane's words for 64 consecutive k
-are 16 contiguous bytes. A K step is then one 16-byte cp.async per lane and 64 k, and the words, decoded in place,
-are already the MMA's A fragments: no layout conversion and no shared-memory round trip of dequantized values
-(the reshapes in _q4_tile only rename registers; ptxas shows no STS in the loop). The decode of one word is the
-lop3 / magic-number trick: (word >> 4i) & 0x000F000F | 0x43004300 gives two bf16 of value 128 + q, and one fused
-multiply-add with -(128 + zero) leaves q - zero exactly, 1.4 instructions a weight in all (tl.inline_asm_elementwise;
-Triton's interpreter cannot run PTX, so it takes a portable shift-and-mask path over the same layout). The scale is
-applied to the MMA's result once per group (acc += (Wq @ x^T) * scale), or, where a K step spans several groups or
-the MMAs must stay in flight, inside the dequantization (python -m moekern.ops.compile_check --sass, the report in
-benchmarks/results/static/, counts every variant's instructions).
+lane's eight 4-bit values of one MMA fragment sit in one int32 word, in the register order Triton gives tl.dot's A
+operand on the target (wgmma on sm_90, mma.sync on sm_80: two layouts, see MMA_N), and a lane's words for 64
+consecutive k are 16 contiguous bytes. A K step is then one 16-byte cp.async per lane and 64 k, and the words,
+decoded in place, are already the MMA's A fragments: no layout conversion and no shared-memory round trip of
+dequantized values (the reshapes in _q4_decode only rename registers; the SASS has no STS in the loop). The decode of
+one word is the lop3 / magic-number trick: (word >> 4i) & 0x000F000F | 0x43004300 gives two bf16 of value 128 + q,
+and one fused multiply-add with -(128 + zero) leaves q - zero exactly, 1.4 instructions a weight in all
+(tl.inline_asm_elementwise; Triton's interpreter cannot run PTX, so it takes a portable shift-and-mask path over the
+same layout, and tests/test_ops_mma_layout.py emulates the PTX). K steps are one or two whole quantization groups:
+at decode each group's MMA result is multiplied by the group's scales (fewest instructions); at prefill the scales go
+into the dequantization (one more multiply a pair) so that the MMAs accumulate in place and stay in flight; groups of
+16 or 32 take a zero and scale per 16-k word. The static report (python -m moekern.ops.compile_check --sass, in
+benchmarks/results/static/) counts every variant's instructions.
 
 Tiles: BLOCK_M rows of the sorted pairs (one expert per block) x BLOCK_N outputs, a K loop of BLOCK_K, split into
 SPLIT_K ranges where the grid would leave SMs idle (tuning.py). gate_up's split-K partials are summed in a fixed
@@ -95,6 +98,7 @@ class Quant4:
 # the one that matches the compiler's saves a layout conversion through shared memory.
 MMA_N, MMA_K = 16, 64
 MMA_K_PAD = 256  # K is padded to whole K steps of the widest tile (zeros, against activations masked to zero)
+MMA_N_PAD = 128  # and N to whole tiles of the widest BLOCK_N, so that no tile reads past a half's words
 NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
@@ -148,13 +152,13 @@ def mma_layout(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: in
     """moekern's 4-bit words of w -> the tensor-core words [E, halves, N'/16, K'/64, 32, 4] (padded with zeros).
 
     halves = 2 for gate_up: the gate and up rows go to separate halves (first I rows and last I rows, or even and odd
-    rows where interleaved, as GPT-OSS stores them), each padded to 16 rows. Made one expert at a time so that the
-    temporaries stay small next to the weights."""
+    rows where interleaved, as GPT-OSS stores them), each padded to MMA_N_PAD rows. Made one expert at a time so that
+    the temporaries stay small next to the weights."""
     from moekern.quant import layout
 
     e, n, k = w.shape
     rows = n // halves
-    kp, np_ = k + -k % MMA_K_PAD, rows + -rows % MMA_N
+    kp, np_ = k + -k % MMA_K_PAD, rows + -rows % MMA_N_PAD
     out = torch.empty(e, halves, np_ // MMA_N, kp // MMA_K, 32, 4, dtype=torch.int32, device=w.qweight.device)
     for i in range(e):
         q = layout.unpack(w.qweight[i])  # [N, K]
@@ -162,7 +166,7 @@ def mma_layout(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: in
             q = torch.stack([q[0::2], q[1::2]])
         else:
             q = q.reshape(halves, rows, k)
-        out[i] = mma_pack(_pad_to(_pad_to(q, 1, MMA_N), 2, MMA_K_PAD), kwidth)
+        out[i] = mma_pack(_pad_to(_pad_to(q, 1, MMA_N_PAD), 2, MMA_K_PAD), kwidth)
     return out
 
 
@@ -784,6 +788,11 @@ def _asm(x: torch.Tensor, wt: _Weight) -> bool:
     return wt.quant and not INTERPRETED and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _check_tile(wt: _Weight, cfg: tuning.GemmConfig):
+    if wt.quant and cfg.BLOCK_N > MMA_N_PAD:
+        raise ValueError(f"4-bit tiles of {cfg.BLOCK_N} rows would read past the words (padded to {MMA_N_PAD} rows)")
+
+
 def _grouped(wt: _Weight, cfg: tuning.GemmConfig) -> bool:
     """K steps of one or two whole groups of 64 or more (zeros and scales read a step ahead, one row each)."""
     return wt.quant and wt.group >= tuning.QUANT_K and cfg.BLOCK_K % wt.group == 0 and cfg.BLOCK_K // wt.group <= 2
@@ -821,6 +830,7 @@ def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top
     wt = _weight(w, 2, act, kwidth)
     cfg = tuning.config("gate_up", i, k, wt.quant, num_tokens, bm, num_blocks, wt.group if wt.quant else None,
                         x.device)
+    _check_tile(wt, cfg)
     inter = _alloc(max(num_pairs, 1), i, dtype=x.dtype, device=x.device)
     in_scale, stride_ie, has_in_scale = _input_scale_args(w, x)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
@@ -855,6 +865,7 @@ def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, n
     wt = _weight(w, 1, None, kwidth)
     cfg = tuning.config("down", n, k, wt.quant, num_tokens, bm, num_blocks, wt.group if wt.quant else None,
                         inter.device)
+    _check_tile(wt, cfg)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
     split = triton.cdiv(k, k_per_split)
     part = _alloc(split, max(num_pairs, 1), n, dtype=torch.float32, device=inter.device)

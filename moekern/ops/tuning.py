@@ -101,15 +101,21 @@ def num_sms(device=None) -> int:
 
 def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num_blocks: int,
              group_size: int | None = None, device=None) -> GemmConfig:
-    """From the static report (sm_90): every variant below keeps its loop free of spills.
+    """From the static report (python -m moekern.ops.compile_check --sass): every variant below keeps its loop free
+    of spills on sm_90 and sm_80.
 
-    Decode (BLOCK_M 16): one warpgroup, 64 weight rows (wgmma m64n16k16; four mma.sync m16 on sm_80), K steps of
-    128: the 4-bit gate_up issues about 1.5 instructions a weight. Prefill: 128 weight rows over two warpgroups (the
-    4-bit A fragments are then decoded once, not once per warpgroup), K steps of 64."""
+    Decode (BLOCK_M 16, the MMA's N): one warpgroup. 4-bit: K steps of two groups (256 k at group 128), gate_up 64
+    rows a half (136 registers, two CTAs an SM; 128 rows issue 9% fewer instructions a byte but take 254 registers,
+    one CTA), down 128 rows (two m64 blocks a warpgroup: the per-step cost is shared by twice the weights); groups of
+    64 (GPT-OSS) take 128 rows in both. bf16: 64 rows, K steps of 128. Prefill: 128 weight rows over two warpgroups
+    (a weight is decoded once, not once per warpgroup), K steps of 64 (bf16) or one group of at most 128 (4-bit)."""
     if bm <= DECODE_ROWS:
-        cfg = GemmConfig(BLOCK_N=128 if quant else 64, BLOCK_K=128, num_warps=4, num_stages=4)
+        wide = quant and (op == "down" or (group_size or 0) < 128)
+        cfg = GemmConfig(BLOCK_N=128 if wide else 64, BLOCK_K=128, num_warps=4, num_stages=4)
     else:
         cfg = GemmConfig(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FACTORED=False)
+        if op == "gate_up" and bm >= 128 and not quant and target_arch(device) < 90:
+            cfg = replace(cfg, BLOCK_N=64)  # mma.sync's accumulators of two 128 x 128 tiles spill (GPT-OSS's epilogue)
     if quant and group_size is not None:
         # Whole groups a K step where the groups are 64 or wider (two of 64 or 128, one of 256): at decode each
         # group's MMA result is multiplied by its scales (fewest instructions); at prefill the scales go into the
