@@ -96,10 +96,9 @@ MODELS = {
 }
 DECODE_TOKENS = 16  # the 4-bit decode target covers 1 to 16 tokens
 
-# The representative set of the plain run (and its test): every kernel and every constexpr branch the host takes,
-# without the whole sweep: (model, tokens, 4-bit, AWQ input scale)
-QUICK = [("deepseek-v3", 1, True, False), ("gpt-oss-120b", 16, False, False), ("gpt-oss-120b", 2048, False, False),
-         ("qwen3-30b-a3b", 2048, True, True)]
+# The representative set of the plain run (and its test): every kernel, 4-bit decode and prefill, bf16 prefill with
+# GPT-OSS's activation and biases, AWQ's input scale, without the whole sweep: (model, tokens, 4-bit, AWQ input scale)
+QUICK = [("deepseek-v3", 1, True, False), ("gpt-oss-120b", 2048, False, False), ("qwen3-30b-a3b", 2048, True, True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
