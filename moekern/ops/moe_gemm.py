@@ -192,99 +192,56 @@ def mma_words(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: int
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------------------------------
+def _decode_asm(dtype: str, scaled: bool) -> str:
+    """The PTX that turns one word ($4) into registers $0..$3 = values (0, 1), (2, 3), (4, 5), (6, 7): for i = 0..3,
+    lop3 puts nibbles i and i + 4 (word >> 4i, masked) into the mantissas of MAGIC + q (two bf16 or f16, MAGIC 128 or
+    1024: the mantissa's last bit is worth 1), one fma with 1 and -(MAGIC + zero) leaves q - zero exactly (zero: $5
+    for the even registers, row g; $9 for the odd ones, row g + 8), and where scaled one more fma with the row's
+    scale ($13, $17) and -0 rounds the product once, as the reference's dequantization does."""
+    magic, one, fma = (("0x43004300", "0x3F803F80", "fma.rn.bf16x2") if dtype == "bf16" else
+                       ("0x64006400", "0x3C003C00", "fma.rn.f16x2"))
+    lines = [".reg .b32 t, one, nz;", f"mov.b32 one, {one};", "mov.b32 nz, 0x80008000;"]
+    for i in range(4):
+        zero, scale = ("$5", "$13") if i % 2 == 0 else ("$9", "$17")
+        if i:
+            lines.append(f"shr.b32 t, $4, {4 * i};")
+        lines.append(f"lop3.b32 ${i}, {'t' if i else '$4'}, 0x000f000f, {magic}, 0xea;")
+        lines.append(f"{fma} ${i}, ${i}, one, {zero};")
+        if scaled:
+            lines.append(f"{fma} ${i}, ${i}, {scale}, nz;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_ASM_BF16 = tl.constexpr(_decode_asm("bf16", False))
+_ASM_BF16_SCALED = tl.constexpr(_decode_asm("bf16", True))
+_ASM_F16 = tl.constexpr(_decode_asm("f16", False))
+_ASM_F16_SCALED = tl.constexpr(_decode_asm("f16", True))
+# four output registers; the word ($4), then four copies of each broadcast operand (pack=4), the asm reads the first
+_OPERANDS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 8)
+_SCALED_OPERANDS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 16)
+
+
 @triton.jit
 def _decode_words_asm(wb, zlo, zhi, slo, shi, BF16: tl.constexpr, SCALED: tl.constexpr):
     """uint8 [..., 4] bytes of one word a lane (pack=4 hands the asm the four bytes as one register) -> two tensors of
-    4 values, (v0..v3) and (v4..v7): lop3 puts nibbles i and i + 4 in the mantissas of 128 + q (bf16; 1024 + q for
-    fp16), and fma with 1 and -(128 + zero) leaves q - zero exactly. zlo / zhi: -(128 + zero) of rows g / g + 8 twice
-    (a bf16x2 or f16x2 in an int32); SCALED: then times slo / shi, the scales of those rows twice."""
+    4 values, (v0..v3) and (v4..v7), by _decode_asm. zlo / zhi: -(MAGIC + zero) of rows g / g + 8 twice (a bf16x2 or
+    f16x2 in an int32); slo / shi: the scales of those rows twice (SCALED only)."""
     if BF16:
         if SCALED:
-            r0, r1 = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one, nz;
-                mov.b32 one, 0x3F803F80;
-                mov.b32 nz, 0x80008000;
-                lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $0, $0, one, $5;
-                fma.rn.bf16x2 $0, $0, $13, nz;
-                shr.b32 t, $4, 4;
-                lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $1, $1, one, $9;
-                fma.rn.bf16x2 $1, $1, $17, nz;
-                shr.b32 t, $4, 8;
-                lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $2, $2, one, $5;
-                fma.rn.bf16x2 $2, $2, $13, nz;
-                shr.b32 t, $4, 12;
-                lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $3, $3, one, $9;
-                fma.rn.bf16x2 $3, $3, $17, nz;
-                }""",
-                constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                args=[wb, zlo, zhi, slo, shi], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_BF16_SCALED, constraints=_SCALED_OPERANDS,
+                                               args=[wb, zlo, zhi, slo, shi], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
         else:
-            r0, r1 = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one;
-                mov.b32 one, 0x3F803F80;
-                lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $0, $0, one, $5;
-                shr.b32 t, $4, 4;
-                lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $1, $1, one, $9;
-                shr.b32 t, $4, 8;
-                lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $2, $2, one, $5;
-                shr.b32 t, $4, 12;
-                lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;
-                fma.rn.bf16x2 $3, $3, one, $9;
-                }""",
-                constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-                args=[wb, zlo, zhi], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_BF16, constraints=_OPERANDS, args=[wb, zlo, zhi],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         if SCALED:
-            r0, r1 = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one;
-                mov.b32 one, 0x3C003C00;
-                lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $0, $0, one, $5;
-                mul.rn.f16x2 $0, $0, $13;
-                shr.b32 t, $4, 4;
-                lop3.b32 $1, t, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $1, $1, one, $9;
-                mul.rn.f16x2 $1, $1, $17;
-                shr.b32 t, $4, 8;
-                lop3.b32 $2, t, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $2, $2, one, $5;
-                mul.rn.f16x2 $2, $2, $13;
-                shr.b32 t, $4, 12;
-                lop3.b32 $3, t, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $3, $3, one, $9;
-                mul.rn.f16x2 $3, $3, $17;
-                }""",
-                constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                args=[wb, zlo, zhi, slo, shi], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_F16_SCALED, constraints=_SCALED_OPERANDS,
+                                               args=[wb, zlo, zhi, slo, shi], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
         else:
-            r0, r1 = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one;
-                mov.b32 one, 0x3C003C00;
-                lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $0, $0, one, $5;
-                shr.b32 t, $4, 4;
-                lop3.b32 $1, t, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $1, $1, one, $9;
-                shr.b32 t, $4, 8;
-                lop3.b32 $2, t, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $2, $2, one, $5;
-                shr.b32 t, $4, 12;
-                lop3.b32 $3, t, 0x000f000f, 0x64006400, 0xea;
-                fma.rn.f16x2 $3, $3, one, $9;
-                }""",
-                constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-                args=[wb, zlo, zhi], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_F16, constraints=_OPERANDS, args=[wb, zlo, zhi],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     return r0, r1
 
 

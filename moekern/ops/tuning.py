@@ -126,10 +126,12 @@ def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num
         if not decode and target_arch(device) < 90:  # mma.sync needs more registers a tile: 128-k steps spill
             steps = QUANT_K
         cfg = replace(cfg, BLOCK_K=steps if grouped else QUANT_K, FACTORED=grouped and decode)
-    # Split K until the grid gives every SM two programs, keeping at least two K steps a split.
+    # Decode tiles split K until the grid gives every SM two programs, keeping at least two K steps a split. (Compute
+    # tiles do not: their grids are large at real batch sizes, and gate_up's split epilogue, which sums two 128 x 128
+    # partials, spills there.)
     programs = num_blocks * triton.cdiv(n, cfg.BLOCK_N)
     split, sms = 1, num_sms(device)
-    while programs * split < 2 * sms and k // (split * 2) >= 2 * cfg.BLOCK_K and split < 8:
+    while bm <= DECODE_ROWS and programs * split < 2 * sms and k // (split * 2) >= 2 * cfg.BLOCK_K and split < 8:
         split *= 2
     return replace(cfg, SPLIT_K=split)
 
