@@ -221,6 +221,10 @@ def replay(model, d: dict, state: dict) -> None:
         from moekern.quant.rebuild import rebuild_quantized
 
         rebuild_quantized(model, state)
+    if d.get("lora_experts"):  # LoRA adapters kept beside 4-bit experts by moekern finetune
+        from moekern.finetune.lora import rebuild_expert_adapters
+
+        rebuild_expert_adapters(model, d["lora_experts"], state)
 
 
 def _stored_experts(state: dict, current_layer: int) -> int:

@@ -8,6 +8,8 @@
     moekern paper [MODEL] --out DIR
                               the paper's comparison: every recipe compressed once, then perplexity, lm-eval tasks,
                               speed, FLOPs and memory, in one report with tables and figures (moekern/bench/paper.py)
+    moekern finetune MODEL --out DIR
+                              fine-tune a compressed model to recover quality (moekern/finetune/)
 
 bench, eval, report and paper hang off the same parser (moekern/bench/cli.py). Mistakes a user can fix end with a one-line
 message and exit status 2, never a traceback. The folder a command writes (`writes`: a model or a run folder) is
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moekern.bench.cli import add_harness_commands  # bench, eval, report
 
     add_harness_commands(sub)
+    from moekern.finetune.cli import add_finetune_command
+
+    add_finetune_command(sub)
     return parser
 
 

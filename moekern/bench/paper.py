@@ -99,6 +99,9 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed")
     paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
     add_loading_args(paper)
+    from moekern.bench.paper_finetune import add_finetune_args
+
+    add_finetune_args(paper)
     paper.set_defaults(run=run_paper, dtype=None, writes="runs")
     next(a for a in paper._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
         "float32 on the CPU)"
@@ -190,6 +193,10 @@ class Paper:
             from moekern.bench.paper_report import write_report
 
             written = write_report(self.writer.path, args.out, run=self.writer.run)
+            from moekern.bench.paper_finetune import write_finetune_report
+
+            for path in write_finetune_report(self.writer.path, args.out)[:1]:
+                print(f"finetuning  {path}")
             print(f"report      {', '.join(str(p) for p in written[:2])} and {len(written) - 2} plots "
                   f"({time.perf_counter() - self.started:.0f} s in all)")
         return 0
@@ -216,6 +223,9 @@ class Paper:
             print(f"calibration pass on the uncompressed model failed: {type(exc).__name__}: {exc}", flush=True)
         self.slimmed: dict[str, Root] = {}
         prefixes = [slimming_prefix(text, self.args.order) for text in self.args.recipes]
+        from moekern.bench.paper_finetune import FinetuneSection
+
+        finetuning = FinetuneSection(self)  # Section 8: some rows fine-tuned after they are measured
         for index, text in enumerate(self.args.recipes, start=1):
             for name in [n for n in self.slimmed if n not in prefixes[index - 1:]]:
                 del self.slimmed[name]  # no row left starts with it
@@ -226,6 +236,7 @@ class Paper:
                 self._failed(index, text, exc, started, "compress")
                 continue
             self._measure_row(index, info["label"], text, row_model, info, started)
+            finetuning.after_row(index, text, row_model, info)
             del row_model
             gc.collect()
         self._baseline_again()

@@ -24,6 +24,9 @@ def experts_forward(
     tap = getattr(experts, "calibration_tap", None)
     if tap is not None:  # moekern.quant.calibrate records which tokens reach which expert
         tap(hidden_states, top_k_index, top_k_weights)
+    adapter = getattr(experts, "lora_experts", None)
+    if adapter is not None:  # LoRA over the frozen experts (moekern.finetune.lora): its own differentiable path
+        return adapter(experts, hidden_states, top_k_index, top_k_weights)
     device, dtype = hidden_states.device, hidden_states.dtype
     if isinstance(experts, QuantizedExperts):
         path = backend.experts_path(device, dtype, experts.group_size)
@@ -55,11 +58,12 @@ def experts_forward(
 _DENSE = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def route(logits, spec, alive, correction_bias, skip_beta, expert_row):
-    """Router logits -> (weights, rows) for MoEBlock: reference.route's weights and ids, each id then mapped to its
-    row in the stored experts (expert_row). The Triton routing kernel on the Triton backend, the C++ router on the CPU
-    kernels' (one loop per token instead of some twenty small tensor ops, which at decode cost more than the 4-bit
-    experts), reference.route elsewhere. A skipped slot or an empty one is NO_EXPERT."""
+def route(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
+    """Router logits -> (weights, ids) for MoEBlock, with reference.route's semantics: the Triton routing kernel on
+    the Triton backend, the C++ router on the CPU kernels' (one loop per token instead of some twenty small tensor
+    ops, which at decode cost more than the 4-bit experts), reference.route elsewhere. A skipped slot or an empty one
+    is NO_EXPERT. expert_row: ids come back as the rows the experts are stored at (both kernels map them in the same
+    launch)."""
     path = backend.backend_for(logits.device)
     if path == "cpu":
         from moekern.ops import cpu
@@ -69,11 +73,11 @@ def route(logits, spec, alive, correction_bias, skip_beta, expert_row):
         _triton_kernels(logits.device)  # sets up the interpreter on a CPU before the kernels' first import
         from moekern.ops import routing
 
-        weights, ids = routing.route(logits, spec, alive, correction_bias, skip_beta)
-    else:
-        weights, ids = reference.route(logits, spec, alive, correction_bias, skip_beta)
-    rows = expert_row[ids.clamp(min=0)].masked_fill(ids == reference.NO_EXPERT, reference.NO_EXPERT)
-    return weights, rows
+        return routing.route(logits, spec, alive, correction_bias, skip_beta, expert_row=expert_row)
+    weights, ids = reference.route(logits, spec, alive, correction_bias, skip_beta)
+    if expert_row is not None:
+        ids = expert_row[ids.clamp(min=0)].masked_fill(ids == reference.NO_EXPERT, reference.NO_EXPERT)
+    return weights, ids
 
 
 def _triton_kernels(device: torch.device):
