@@ -159,7 +159,8 @@ def test_4bit_bf16_and_fp16_activations(isa):
         assert got.dtype == dtype and rel(got, expected) <= INT8_BOUND + 1e-2
 
 
-# (tokens, experts, hidden, inter, k, skip): few rows per expert (the fused kernel) and many (the GEMM path)
+# (tokens, experts, hidden, inter, k, skip): few rows per expert (the fused kernel; for bf16 one row) and many (the
+# GEMM path)
 CASES_DENSE = [(1, 4, 32, 24, 2, 0.0), (7, 5, 40, 24, 2, 0.25), (9, 6, 35, 17, 3, 0.2), (64, 4, 48, 40, 2, 0.1)]
 
 

@@ -525,8 +525,11 @@ at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, const c10::option
 // Dense (fp32 / bf16) experts
 // ---------------------------------------------------------------------------------------------------------------------
 // Up to this many rows per expert, the fused kernel (each weight read once, threads over (expert, row tile)); above,
-// each expert's rows go to at::matmul (oneDNN/MKL GEMMs, which win once a weight is reused by many rows).
+// each expert's rows go to at::matmul (oneDNN/MKL GEMMs, which win once a weight is reused by many rows). For bf16
+// weights oneDNN's bf16 GEMM (vdpbf16ps on packed tiles) already wins from two rows an expert (bench_cpu_moe.py,
+// Mixtral's shapes: the fused bf16 path 0.89x of it at 4 tokens, 0.72x at 16; 1.06x at one token).
 constexpr int64_t kDenseFusedMaxRows = 8;
+constexpr int64_t kDenseFusedMaxRowsBf16 = 1;
 
 at::Tensor gated_act(const at::Tensor& h, int64_t act, double alpha, double limit, bool interleaved) {
   at::Tensor g, u;
@@ -565,7 +568,7 @@ at::Tensor moe_dense(const at::Tensor& x_in, const at::Tensor& ids, const at::Te
   int64_t max_rows = 0;
   for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, r.row_begin[e + 1] - r.row_begin[e]);
   const auto wt = w_gate_up.scalar_type();
-  const bool fused = max_rows <= kDenseFusedMaxRows && !interleaved && (wt == at::kFloat || wt == at::kBFloat16) &&
+  const bool fused = max_rows <= (wt == at::kBFloat16 ? kDenseFusedMaxRowsBf16 : kDenseFusedMaxRows) && !interleaved && (wt == at::kFloat || wt == at::kBFloat16) &&
                      w_down.scalar_type() == wt && w_gate_up.stride(2) == 1 && w_down.stride(2) == 1;
   auto part = alloc({r.rows, H}, at::kFloat);
   if (!fused) {
