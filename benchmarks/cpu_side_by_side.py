@@ -14,13 +14,15 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu"
-PEER = Path(os.environ.get("PEER", ROOT.parent / "shared" / "tools" / "llamacpp-peer"))
+PEER = Path(os.environ.get("PEER", ROOT.parent / "shared" / "tools" / "llamacpp-peer"))  # ../shared beside the checkout
 LINE = re.compile(r"llama\.cpp (\S+)\s+prefill (\d+) tokens\s+([\d.]+) tok/s\s+decode\s+([\d.]+) ms/step")
 
 
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--recipes", nargs="+", default=["rtn4", "rtn4+skip"])
+    # llama.cpp's Q4_0 also quantizes attention and the output matrix; moekern's recipes quantize the routed experts
+    # and keep the rest in the model's dtype: bfloat16 halves those bytes (the closer comparison)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=RESULTS / "side_by_side.json")
     args = parser.parse_args(argv)
     if not (args.folder / "config.json").exists():
@@ -54,21 +59,22 @@ def main(argv=None) -> int:
         record["llama.cpp"][kind] = {"prefill_tok_s": float(tok_s), "decode_step_ms": float(step_ms)}
     record["llama.cpp_command"] = " ".join(peer_command)
     for recipe in args.recipes:
-        out = Path("/tmp") / f"side_by_side-{recipe.replace('+', '_')}"
-        command = [sys.executable, "-m", "moekern.cli", "bench", str(args.folder), "--recipe", recipe, "--context",
-                   str(args.context), "--batch-sizes", "1", "--decode-tokens", str(args.decode_tokens), "--device",
-                   "cpu", "--out", str(out)]
-        run(command, env)
-        speeds = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-        speeds = [s for s in speeds if s.get("kind") == "speed" and s.get("status") == "ok"]
-        record["moekern"][recipe] = {"command": " ".join(command[1:]), "speeds": speeds}
-        (out / "bench.jsonl").unlink()
+        for dtype in args.dtypes:
+            out = Path(tempfile.mkdtemp()) / "bench"
+            command = [sys.executable, "-m", "moekern.cli", "bench", str(args.folder), "--recipe", recipe,
+                       "--context", str(args.context), "--batch-sizes", "1", "--decode-tokens",
+                       str(args.decode_tokens), "--device", "cpu", "--dtype", dtype, "--out", str(out)]
+            run(command, env)
+            speeds = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+            speeds = [s for s in speeds if s.get("kind") == "speed" and s.get("status") == "ok"]
+            record["moekern"][f"{recipe} ({dtype})"] = {"command": " ".join(command[1:]), "speeds": speeds}
+            shutil.rmtree(out.parent)
     q4 = record["llama.cpp"].get("q4_0", {}).get("decode_step_ms")
     for recipe, result in record["moekern"].items():
         for s in result["speeds"]:
             ms = s["decode_step_median_s"] * 1e3
             ratio = f", {ms / q4:.2f}x llama.cpp Q4_0's {q4:.2f} ms" if q4 else ""
-            print(f"{recipe:<12} {s['variant']:<24} decode {ms:8.2f} ms/step{ratio}")
+            print(f"{recipe:<22} {s['variant']:<24} decode {ms:8.2f} ms/step{ratio}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"-> {args.out}")
