@@ -1,14 +1,18 @@
-"""Builds the optional CUDA extension `moekern._C` from csrc/.
+"""Builds the optional compiled parts of moekern ahead of time:
 
-The extension is built only where it can be: a CUDA build of torch is importable in the build environment and nvcc
-is on the PATH (or CUDA_HOME is set). Everywhere else moekern installs as pure Python and its Triton kernels (and the
-PyTorch reference) serve. pip builds in an isolated environment without torch by default, so to build the extension
-against the torch you already have, install with:
+- `moekern._cpu`, the C++ CPU kernels (csrc/cpu/), wherever torch is importable in the build environment and a C++
+  compiler exists. Elsewhere (pip's default isolated build has no torch) moekern builds them on first use into a
+  cache folder instead (moekern/ops/cpu.py), or runs its PyTorch reference where no compiler exists.
+- `moekern._C`, the CUDA extension (csrc/*.cu), where a CUDA build of torch is importable and nvcc is on the PATH
+  (or CUDA_HOME is set). Everywhere else the Triton kernels (and the PyTorch reference) serve.
+
+To build them against the torch you already have (torch is not a build requirement: asking for it in the isolated
+build environment would download a multi-GB wheel), install with:
 
     pip install --no-build-isolation -e .
 
-MOEKERN_BUILD_CUDA=0 skips the extension even where it could be built; MOEKERN_BUILD_CUDA=1 makes a failure to build
-it an error instead of a warning.
+MOEKERN_BUILD_CUDA / MOEKERN_BUILD_CPU: 0 skips that extension even where it could be built; 1 makes a failure to
+build it an error instead of a warning.
 """
 
 import os
@@ -20,6 +24,24 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 CUDA_SOURCES = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.c[up]*"))
+# The same files and flags as the JIT build of moekern/ops/cpu.py (SOURCES, CFLAGS): each ISA variant gets its target
+# from a pragma in its own file, so one set of flags serves them all.
+CPU_SOURCES = [f"csrc/cpu/{name}" for name in ("ops.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_portable.cpp")]
+CPU_CFLAGS = ["-O3", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+
+
+def cpu_extension_or_reason():
+    """(extension, None) for the C++ CPU kernels, or (None, reason) where they cannot be built here."""
+    if os.environ.get("MOEKERN_BUILD_CPU", "auto") == "0":
+        return None, "MOEKERN_BUILD_CPU=0"
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        return None, "torch is not importable in the build environment (use pip install --no-build-isolation)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler!r} is not on the PATH)"
+    return CppExtension(name="moekern._cpu", sources=CPU_SOURCES, extra_compile_args=CPU_CFLAGS), None
 
 
 def cuda_extension_or_reason():
@@ -47,12 +69,22 @@ def cuda_extension_or_reason():
     return ([ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}), None
 
 
+ext_modules, cmdclass = [], {}
 built, reason = cuda_extension_or_reason()
 if built is None:
     if os.environ.get("MOEKERN_BUILD_CUDA") == "1":
         sys.exit(f"moekern: MOEKERN_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     print(f"moekern: building without the CUDA extension ({reason}); the Triton kernels serve instead.")
-    setup()
 else:
     ext_modules, cmdclass = built
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+cpu_ext, reason = cpu_extension_or_reason()
+if cpu_ext is None:
+    if os.environ.get("MOEKERN_BUILD_CPU") == "1":
+        sys.exit(f"moekern: MOEKERN_BUILD_CPU=1 but the C++ CPU kernels cannot be built: {reason}")
+    print(f"moekern: not building the C++ CPU kernels now ({reason}); they are built on first use instead.")
+else:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules = [*ext_modules, cpu_ext]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

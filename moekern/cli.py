@@ -188,6 +188,7 @@ def run_info(args) -> int:
         ("perplexity", f"{facts['perplexity']:.2f} on {facts['heldout_tokens']:,} held-out tokens "
                        f"(windows of {args.seq_len})"),
         ("sample", repr(facts["sample"])),
+        ("kernels", kernels_line(model, facts)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -197,6 +198,20 @@ def run_info(args) -> int:
 
         write_file(args.json, json.dumps(facts, indent=2) + "\n")
     return 0
+
+
+def kernels_line(model, facts: dict) -> str:
+    """Which path runs the experts: transformers' own, or moekern's (and then which kernels, moekern.ops.backend)."""
+    from moekern.ops import backend
+    from moekern.patching import is_patched
+
+    paths = backend.describe(model)
+    facts["kernels"] = paths
+    moekern_paths = "; ".join(f"{kind}: {path}" for kind, path in paths["paths"].items()) or "no experts"
+    if is_patched(model):
+        return f"moekern (MOEKERN_BACKEND={paths['backend']}) - {moekern_paths}"
+    return (f"transformers' experts ({model.config._experts_implementation}); moekern.patch would run "
+            f"{moekern_paths}")
 
 
 def run_compress(args) -> int:

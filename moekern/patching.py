@@ -1,14 +1,17 @@
 """moekern.patch(model) / moekern.unpatch(model).
 
 patch registers moekern's experts computation with transformers' experts interface and switches the model to it:
-the HF modules stay, their weights are untouched, and every experts call runs moekern's path. Blocks whose routing
-state changed (dropped experts, per-token skip) are already moekern's MoEBlock (moekern.surgery swaps them in);
-unpatch swaps them back to the HF block they wrap and restores the experts implementation the model had.
+the HF modules stay, their weights are untouched, and every experts call runs moekern's path. On the CPU its large
+Linears (attention, lm_head) also get a forward that reads their weights once for a decode batch
+(moekern.modules.linear). Blocks whose routing state changed (dropped experts, per-token skip) are already moekern's
+MoEBlock (moekern.surgery swaps them in); unpatch swaps them back to the HF block they wrap, restores the experts
+implementation the model had and the Linears' own forward.
 """
 
 from transformers.integrations.moe import ExpertsInterface
 
 from moekern.models import family_of
+from moekern.modules import linear
 from moekern.modules.experts import experts_forward
 from moekern.modules.moe import MoEBlock
 
@@ -24,12 +27,14 @@ def patch(model):
     if current != IMPLEMENTATION:
         setattr(model, _PREVIOUS, current)
         model.set_experts_implementation(IMPLEMENTATION)
+    linear.install(model)
     return model
 
 
 def unpatch(model):
     """Back to transformers' own modules and experts implementation. Sliced weights stay sliced (the HF block then
     routes over the survivors); masks and skips are no longer applied."""
+    linear.uninstall(model)
     for layer in model.get_decoder().layers:
         if isinstance(layer.mlp, MoEBlock):
             layer.mlp = layer.mlp.hf_block

@@ -138,3 +138,24 @@ def test_weight_bytes_count_the_4bit_buffers(shipped):
     floor = decode_bytes(model, batch=64, kv_cache_bytes=0)  # batch 64, top-2 of 8: every expert is read
     assert floor["non_expert_bytes"] + sum(b for _, b in expert_bytes_by_layer(model)) == describe(model)["weight_bytes"]
     assert floor["selected_expert_bytes"] == pytest.approx(sum(b for _, b in expert_bytes_by_layer(model)), rel=1e-3)
+
+
+def test_the_floor_reads_one_embedding_row_per_token():
+    """A decode step reads one row of the embedding table per token; the lm_head reads all of its weight, so a table
+    tied to it counts whole."""
+    from tiny_models import tiny_model
+
+    from moekern.bench.bandwidth import decode_bytes, expert_bytes_by_layer
+    from moekern.model_info import describe
+
+    model = tiny_model("mixtral")
+    table = model.get_input_embeddings().weight
+    assert table.data_ptr() != model.get_output_embeddings().weight.data_ptr()
+    row = table.shape[1] * table.element_size()
+    others = describe(model)["weight_bytes"] - sum(b for _, b in expert_bytes_by_layer(model))
+    floor = decode_bytes(model, batch=3, kv_cache_bytes=0)
+    assert floor["embedding_bytes"] == 3 * row
+    assert floor["non_expert_bytes"] == others - table.numel() * table.element_size() + 3 * row
+    model.lm_head.weight = table  # tied, as the shipped model is
+    tied = decode_bytes(model, batch=3, kv_cache_bytes=0)
+    assert tied["embedding_bytes"] == table.numel() * table.element_size()

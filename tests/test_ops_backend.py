@@ -9,6 +9,7 @@ from tiny_models import rel_err, tiny_model
 from moekern import surgery
 from moekern.modules import experts as experts_module
 from moekern.modules.quant import QuantizedExperts
+from moekern.ops import backend, cpu
 from moekern.patching import patch
 from moekern.quant import QuantConfig, quantize_
 
@@ -81,18 +82,25 @@ def test_4bit_group_the_kernels_cannot_read(monkeypatch):
     quantize_(model, QuantConfig("rtn", group_size=8), torch.randint(3, 97, (2, 8)))
     experts = next(m for m in model.modules() if isinstance(m, QuantizedExperts))
     monkeypatch.setenv("MOEKERN_BACKEND", "auto")
-    assert not experts_module._use_4bit_kernels(experts, torch.device("cuda"))
+    assert backend.experts_path(torch.device("cuda"), torch.float32, experts.group_size) == "reference"
     monkeypatch.setenv("MOEKERN_BACKEND", "triton")
     with pytest.raises(ValueError, match="power-of-two group size"):
-        experts_module._use_4bit_kernels(experts, torch.device("cpu"))
+        backend.experts_path(torch.device("cpu"), torch.float32, experts.group_size)
 
 
 def test_backend_choice(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    """auto: Triton on CUDA tensors, the C++ kernels on CPU tensors (the reference where they could not be built)."""
+    on_cpu, on_cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("MOEKERN_BACKEND", raising=False)
-    assert experts_module._backend(cpu) == "reference" and experts_module._backend(cuda) == "triton"
+    assert backend.backend_for(on_cpu) == ("cpu" if cpu.available() else "reference")
+    assert backend.backend_for(on_cuda) == "triton"
     monkeypatch.setenv("MOEKERN_BACKEND", "triton")
-    assert experts_module._backend(cpu) == "triton"
+    assert backend.backend_for(on_cpu) == "triton"
+    monkeypatch.setenv("MOEKERN_BACKEND", "reference")
+    assert backend.backend_for(on_cpu) == "reference"
+    monkeypatch.setenv("MOEKERN_BACKEND", "cpu")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        backend.backend_for(on_cuda)
     monkeypatch.setenv("MOEKERN_BACKEND", "cutlass")
     with pytest.raises(ValueError, match="MOEKERN_BACKEND"):
-        experts_module._backend(cpu)
+        backend.backend_for(on_cpu)

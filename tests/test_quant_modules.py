@@ -1,5 +1,8 @@
 """The 4-bit modules against the reference on their dequantized weights, and their place in a model: the HF block
-and moekern's MoEBlock both reach them through experts_forward."""
+and moekern's MoEBlock both reach them through experts_forward.
+
+On the CPU the modules run the C++ kernels; with fp32 activations (MOEKERN_CPU_INNER=fp32) those compute the
+reference's products, so the bounds below are fp32's. The default int8 activations are tested in test_ops_cpu.py."""
 
 import pytest
 import torch
@@ -11,6 +14,11 @@ from moekern.modules.experts import experts_forward
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
 from moekern.ops.reference import NO_EXPERT, Activation, moe_experts
 from moekern.quant import QuantConfig, layout, quantize_
+
+
+@pytest.fixture(autouse=True)
+def fp32_activations(monkeypatch):
+    monkeypatch.setenv("MOEKERN_CPU_INNER", "fp32")
 
 
 def random_packed(*lead, n, k, group):

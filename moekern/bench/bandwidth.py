@@ -52,8 +52,10 @@ def expected_distinct_experts(experts: int, top_k: int, tokens: int) -> float:
 
 
 def decode_bytes(model, batch: int, kv_cache_bytes: int) -> dict:
-    """Bytes one decode step of `batch` sequences must read: every non-expert weight, the experts the batch's routing
-    selects (ESTIMATED from top_k and the batch size, as if routing were uniform), and the whole KV cache."""
+    """Bytes one decode step of `batch` sequences must read: every non-expert weight except the embedding table, of
+    which a step reads one row per token (the lm_head reads all of its own weight, so a table tied to it counts
+    whole), the experts the batch's routing selects (ESTIMATED from top_k and the batch size, as if routing were
+    uniform), and the whole KV cache."""
     from moekern.model_info import describe
 
     facts = describe(model)
@@ -61,9 +63,22 @@ def decode_bytes(model, batch: int, kv_cache_bytes: int) -> dict:
     top_k = facts["top_k"] or 1
     selected = sum(b / n * expected_distinct_experts(n, top_k, batch) for n, b in by_layer if n)
     non_expert = facts["weight_bytes"] - sum(b for _, b in by_layer)
-    return {"non_expert_bytes": non_expert, "selected_expert_bytes": int(selected), "kv_cache_bytes": kv_cache_bytes,
-            "floor_bytes": int(non_expert + selected + kv_cache_bytes),
+    table, rows = embedding_bytes(model, batch)
+    non_expert += rows - table
+    return {"non_expert_bytes": non_expert, "embedding_bytes": rows, "selected_expert_bytes": int(selected),
+            "kv_cache_bytes": kv_cache_bytes, "floor_bytes": int(non_expert + selected + kv_cache_bytes),
             "selected_experts": "estimated (uniform routing, top_k and batch size)"}
+
+
+def embedding_bytes(model, tokens: int) -> tuple[int, int]:
+    """(bytes of the embedding table, bytes a step of `tokens` tokens reads from it); a table tied to the lm_head is
+    read whole by the lm_head, so it counts whole in both."""
+    embedding = model.get_input_embeddings().weight
+    table = embedding.numel() * embedding.element_size()
+    head_weight = getattr(model.get_output_embeddings(), "weight", None)
+    if head_weight is not None and head_weight.data_ptr() == embedding.data_ptr():
+        return table, table
+    return table, min(table, tokens * embedding.shape[-1] * embedding.element_size())
 
 
 def cache_bytes(past_key_values) -> int:

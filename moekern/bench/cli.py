@@ -160,8 +160,14 @@ def run_bench(args) -> int:
     bandwidth = copy_bandwidth(args.device)
     notes = origin["notes"]
     if not args.device.startswith("cuda"):
-        notes.append("measured on the CPU: these times say nothing about GPU kernels (moekern's Triton/CUDA path "
-                     "runs only on a GPU)")
+        import torch
+
+        from moekern.ops import backend
+
+        runs = {"cpu": "its C++ CPU kernels", "triton": "its Triton kernels in the interpreter",
+                "reference": "its PyTorch reference"}[backend.backend_for(torch.device(args.device))]
+        notes.append(f"measured on the CPU: these times say nothing about GPU kernels; moekern runs {runs} here "
+                     f"(the variant's `kernels` record says which)")
     writer.write("run", command="bench", model=str(args.model), **origin, device=args.device, dtype=args.dtype,
                  context=args.context, decode_tokens=args.decode_tokens, batch_sizes=args.batch_sizes,
                  recipe=args.recipe, copy_bandwidth_bytes_s=bandwidth, **_environment(args.device))
@@ -171,12 +177,18 @@ def run_bench(args) -> int:
         print(f"  note: {note}")
 
     def measure(variant: str, recipe: str) -> None:
+        from moekern.ops import backend
+        from moekern.patching import is_patched
+
         facts = describe(model)
         flops = forward_flops_if_it_fits(model, args.context)
+        kernels = backend.describe(model)["paths"] if is_patched(model) else "transformers"
         writer.write("model", variant=variant, recipe=recipe, model=str(args.model), flops=flops,
-                     flops_tokens=args.context, decisions=getattr(model.config, "moekern", None), **facts)
+                     flops_tokens=args.context, decisions=getattr(model.config, "moekern", None), kernels=kernels,
+                     **facts)
         print(f"{variant}: {human_bytes(facts['weight_bytes'])} weights, "
-              f"{'?' if flops is None else f'{flops / 1e9:.1f} GFLOPs'} per forward of {args.context} tokens")
+              f"{'?' if flops is None else f'{flops / 1e9:.1f} GFLOPs'} per forward of {args.context} tokens; "
+              f"experts: {kernels if isinstance(kernels, str) else '; '.join(kernels.values())}")
         print(f"  {'batch':>5} {'prefill tok/s':>14} {'decode step':>12} {'decode tok/s':>13} {'peak mem':>10} "
               f"{'x floor':>8}")
 
@@ -194,8 +206,8 @@ def run_bench(args) -> int:
     measure(variants.BASELINE, variants.recipe_of(model))
     model = variants.make_variant(model, tokenizer, args.recipe, args.calib_samples)
     measure(variants.variant_name(args.recipe), variants.recipe_of(model))
-    print("x floor: decode step / ((non-expert weights + the experts a batch selects, estimated from top_k and the "
-          "batch size as if routing were uniform + KV cache) / copy bandwidth)")
+    print("x floor: decode step / ((non-expert weights, of the embedding table one row per token + the experts a batch "
+          "selects, estimated from top_k and the batch size as if routing were uniform + KV cache) / copy bandwidth)")
     return 0
 
 

@@ -160,8 +160,12 @@ class Paper:
         self.bandwidth = copy_bandwidth(args.device)
         notes = list(origin["notes"])
         if not gpu:
-            notes.append("measured on the CPU: these times say nothing about GPU kernels (moekern's Triton/CUDA "
-                         "path runs only on a GPU; on the CPU moekern runs its PyTorch reference)")
+            from moekern.ops import backend
+
+            runs = {"cpu": "its C++ CPU kernels", "triton": "its Triton kernels in the interpreter",
+                    "reference": "its PyTorch reference"}[backend.backend_for(torch.device(args.device))]
+            notes.append(f"measured on the CPU: these times say nothing about GPU kernels (moekern's Triton/CUDA "
+                         f"path runs only on a GPU; on the CPU moekern runs {runs})")
         from moekern.compress.calibration import calibration_blocks
 
         self.calibration = calibration_blocks(tokenizer, args.calib, args.samples, args.seq_len, args.seed)

@@ -221,8 +221,10 @@ def markdown(content: dict, plots: dict) -> str:
         lines += [f"![held-out perplexity vs weights]({plots['ppl'].name})", ""]
     lines += ["## Speed, FLOPs, memory and accuracy (the shape of the paper's Table 3)", ""]
     if cpu:
+        ran = next((n.split("on the CPU moekern runs ", 1)[1].rstrip(")") for n in s.get("notes", [])
+                    if "on the CPU moekern runs " in n), "its PyTorch reference")
         lines += ["**Measured on the CPU: these times say nothing about GPU kernels** (moekern's Triton/CUDA path runs "
-                  "only on a GPU; here moekern runs its PyTorch reference).", ""]
+                  f"only on a GPU; here moekern runs {ran}).", ""]
     lines += [*table3_lines(content), ""]
     for key in ("speed_vs_batch", "speedup_vs_memory", "accuracy_vs_dropped"):
         if key in plots:

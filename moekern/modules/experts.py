@@ -1,5 +1,6 @@
 """The experts computation moekern gives transformers: registered as the experts implementation "moekern", and
-called by moekern's own MoE block. It reads the HF experts module's stacked weights as they are."""
+called by moekern's own MoE block. It reads the HF experts module's stacked weights as they are. Which kernels run
+is decided in one place, moekern.ops.backend."""
 
 import os
 import sys
@@ -8,7 +9,7 @@ import torch
 
 from moekern.models.base import expert_activation, expert_weights
 from moekern.modules.quant import QuantizedExperts
-from moekern.ops import reference
+from moekern.ops import backend, reference
 
 
 def experts_forward(
@@ -26,50 +27,49 @@ def experts_forward(
     adapter = getattr(experts, "lora_experts", None)
     if adapter is not None:  # LoRA over the frozen experts (moekern.finetune.lora): its own differentiable path
         return adapter(experts, hidden_states, top_k_index, top_k_weights)
+    device, dtype = hidden_states.device, hidden_states.dtype
     if isinstance(experts, QuantizedExperts):
-        if not _use_4bit_kernels(experts, hidden_states.device):
+        path = backend.experts_path(device, dtype, experts.group_size)
+        if path == "cpu":
+            return experts.cpu_forward(hidden_states, top_k_index, top_k_weights)
+        if path == "reference":
             return experts.reference_forward(hidden_states, top_k_index, top_k_weights)
-        moe_gemm = _triton_kernels(hidden_states.device)
+        moe_gemm = _triton_kernels(device)
         gate_up, down = (moe_gemm.Quant4(*experts.packed(name)) for name in ("gate_up_proj", "down_proj"))
         return moe_gemm.moe_experts(
             hidden_states, top_k_index, top_k_weights, gate_up, down,
             getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None), experts.act,
         )
     w_gate_up, w_down, b_gate_up, b_down = expert_weights(experts)
-    # --- issue 5: Triton kernels for stacked bf16/fp16/fp32 weights (MOEKERN_BACKEND, see _backend) ---
-    if isinstance(w_gate_up, torch.Tensor) and w_gate_up.dtype in _DENSE and _backend(hidden_states.device) == "triton":
-        moe_gemm = _triton_kernels(hidden_states.device)
-        return moe_gemm.moe_experts(
-            hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down, expert_activation(experts)
-        )
-    return reference.moe_experts(
-        hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down, expert_activation(experts)
-    )
+    act = expert_activation(experts)
+    path = backend.experts_path(device, dtype) if isinstance(w_gate_up, torch.Tensor) else "reference"
+    if path == "cpu" and w_gate_up.dtype in _DENSE:
+        from moekern.ops import cpu
+
+        return cpu.moe_experts_dense(hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down,
+                                     act)
+    if path == "triton" and w_gate_up.dtype in _DENSE:  # Triton kernels for stacked bf16/fp16/fp32 weights
+        moe_gemm = _triton_kernels(device)
+        return moe_gemm.moe_experts(hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down,
+                                    act)
+    return reference.moe_experts(hidden_states, top_k_index, top_k_weights, w_gate_up, w_down, b_gate_up, b_down, act)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Backend choice (issue 5). MOEKERN_BACKEND=triton|reference|auto (default auto: Triton on CUDA, reference elsewhere).
-# "triton" on a CPU tensor runs the kernels in Triton's interpreter, so a patched model can be checked end to end
-# against the reference on a CPU. Only an env lookup and a device check on the host: nothing data-dependent, no sync.
-# ----------------------------------------------------------------------------------------------------------------------
 _DENSE = (torch.bfloat16, torch.float16, torch.float32)
-BACKENDS = ("auto", "triton", "reference")
-
-
-def _backend(device: torch.device) -> str:
-    choice = os.environ.get("MOEKERN_BACKEND", "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"MOEKERN_BACKEND={choice!r}; choose one of {', '.join(BACKENDS)}")
-    if choice == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    return choice
 
 
 def route(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
-    """Router logits -> (weights, ids) for MoEBlock: the Triton routing kernel on the Triton backend (ids int32),
-    reference.route elsewhere. Both mark a skipped slot or an empty one NO_EXPERT. expert_row: ids come back as the
-    rows the experts are stored at (the Triton router maps them in its own launch)."""
-    if _backend(logits.device) == "triton":
+    """Router logits -> (weights, ids) for MoEBlock, with reference.route's semantics: the Triton routing kernel on
+    the Triton backend, the C++ router on the CPU kernels' (one loop per token instead of some twenty small tensor
+    ops, which at decode cost more than the 4-bit experts), reference.route elsewhere. A skipped slot or an empty one
+    is NO_EXPERT. expert_row: ids come back as the rows the experts are stored at (both kernels map them in the same
+    launch)."""
+    path = backend.backend_for(logits.device)
+    if path == "cpu":
+        from moekern.ops import cpu
+
+        return cpu.route(logits, spec, alive, correction_bias, skip_beta, expert_row)
+    if path == "triton":
         _triton_kernels(logits.device)  # sets up the interpreter on a CPU before the kernels' first import
         from moekern.ops import routing
 
@@ -78,23 +78,6 @@ def route(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
     if expert_row is not None:
         ids = expert_row[ids.clamp(min=0)].masked_fill(ids == reference.NO_EXPERT, reference.NO_EXPERT)
     return weights, ids
-
-
-def _use_4bit_kernels(experts: QuantizedExperts, device: torch.device) -> bool:
-    """The 4-bit kernels read one scale row per K step: group sizes 16, 32, 64, 128... Other group sizes (a multiple
-    of 8 that is not a power of two) run the dequantizing reference; forcing the kernels on them is an error."""
-    if _backend(device) != "triton":
-        return False
-    from moekern.ops.tuning import group_size_supported  # launch rules only: no kernel is decorated by this import
-
-    group = experts.group_size
-    if group_size_supported(group):
-        return True
-    if os.environ.get("MOEKERN_BACKEND", "auto").lower() == "triton":
-        raise ValueError(f"MOEKERN_BACKEND=triton: the 4-bit kernels need a power-of-two group size of at least 16, "
-                         f"this model has {group}; requantize with group_size 32, 64 or 128, or use "
-                         f"MOEKERN_BACKEND=reference")
-    return False
 
 
 def _triton_kernels(device: torch.device):

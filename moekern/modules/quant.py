@@ -1,7 +1,8 @@
 """4-bit modules in moekern's layout (moekern/quant/layout.py): the experts of one MoE layer, stacked, and a Linear.
 
-Their forward is the reference: dequantize, then the same matmuls as the 16-bit path (reference.moe_experts for the
-experts, F.linear for the Linear). It is the oracle of the 4-bit kernels. Every tensor is a persistent buffer with a
+Their reference forward dequantizes, then runs the same matmuls as the 16-bit path (reference.moe_experts for the
+experts, F.linear for the Linear): the oracle of the 4-bit kernels. On the CPU the C++ kernels (moekern.ops.cpu) run
+instead where moekern.ops.backend says so, reading the same buffers. Every tensor is a persistent buffer with a
 stable name, so a quantized model round-trips through moekern.save / moekern.load (checkpoint.replay rebuilds these
 modules from the names and shapes on disk before the weights are assigned).
 
@@ -62,6 +63,15 @@ class QuantizedExperts(nn.Module):
             getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None), self.act,
         )
 
+    def cpu_forward(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The fused 4-bit MoE of the C++ CPU kernels."""
+        from moekern.ops import cpu
+
+        gate_up, down = self.packed("gate_up_proj"), self.packed("down_proj")
+        return cpu.moe_experts_4bit(hidden, ids, weights, gate_up[:3], down[:3],
+                                    getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None),
+                                    gate_up[3], down[3], self.act)
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
         from moekern.modules.experts import experts_forward  # the one dispatch point (kernels hook in there)
 
@@ -105,7 +115,14 @@ class QuantizedLinear(nn.Module):
         return w if input_scale is None else w * input_scale[None, :].to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from moekern.ops import backend
+
         input_scale = getattr(self, "input_scale", None)
+        if backend.linear_path(x.device, x.dtype) == "cpu":
+            from moekern.ops import cpu
+
+            return cpu.linear_4bit(x, (self.qweight, self.scales, self.zeros), getattr(self, "bias", None),
+                                   input_scale)
         if input_scale is not None:
             x = x * input_scale
         w = layout.dequantize(self.qweight, self.scales, self.zeros)
@@ -113,3 +130,4 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit, group {self.group_size}"
+

@@ -1,0 +1,85 @@
+"""moekern's 4-bit decode next to llama.cpp's, on the same random-weight Mixtral-shaped folder, the same threads and
+context, one after the other on the same machine: the CPU peer that runs at the memory floor.
+
+    python benchmarks/cpu_side_by_side.py                 # writes /tmp/mixtral-1l if missing, ~25 minutes
+    python benchmarks/cpu_side_by_side.py --recipes rtn4 rtn4+skip --threads 2 --context 128
+
+Runs ../shared/tools/llamacpp-peer FOLDER THREADS CONTEXT (llama.cpp Q4_0, BF16 and F32 through llama-cpp-python;
+PEER env var: another path to that tool), then `python -m moekern.cli bench FOLDER --recipe R --context C
+--batch-sizes 1 --device cpu` for each recipe (rtn4; rtn4+skip: per-token skip, the compression llama.cpp has no
+counterpart for), and writes benchmarks/results/cpu/side_by_side.json with both sides' figures and the commands.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "cpu"
+PEER = Path(os.environ.get("PEER", ROOT.parent / "shared" / "tools" / "llamacpp-peer"))  # ../shared beside the checkout
+LINE = re.compile(r"llama\.cpp (\S+)\s+prefill (\d+) tokens\s+([\d.]+) tok/s\s+decode\s+([\d.]+) ms/step")
+
+
+def run(command: list[str], env=None) -> str:
+    print("$ " + " ".join(command), flush=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    print(done.stdout, flush=True)
+    return done.stdout
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/mixtral-1l"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--recipes", nargs="+", default=["rtn4", "rtn4+skip"])
+    # llama.cpp's Q4_0 also quantizes attention and the output matrix; moekern's recipes quantize the routed experts
+    # and keep the rest in the model's dtype: bfloat16 halves those bytes (the closer comparison)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=RESULTS / "side_by_side.json")
+    args = parser.parse_args(argv)
+    if not (args.folder / "config.json").exists():
+        run([sys.executable, "benchmarks/peer_model.py", str(args.folder)])
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    given = argv if argv is not None else sys.argv[1:]
+    record = {"command": "python benchmarks/cpu_side_by_side.py " + " ".join(given),
+              "folder": str(args.folder), "threads": args.threads, "context": args.context, "llama.cpp": {},
+              "moekern": {}}
+    peer_command = [str(PEER), str(args.folder), str(args.threads), str(args.context)]
+    for kind, context, tok_s, step_ms in LINE.findall(run(peer_command, env)):
+        record["llama.cpp"][kind] = {"prefill_tok_s": float(tok_s), "decode_step_ms": float(step_ms)}
+    record["llama.cpp_command"] = " ".join(peer_command)
+    for recipe in args.recipes:
+        for dtype in args.dtypes:
+            out = Path(tempfile.mkdtemp()) / "bench"
+            command = [sys.executable, "-m", "moekern.cli", "bench", str(args.folder), "--recipe", recipe,
+                       "--context", str(args.context), "--batch-sizes", "1", "--decode-tokens",
+                       str(args.decode_tokens), "--device", "cpu", "--dtype", dtype, "--out", str(out)]
+            run(command, env)
+            speeds = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+            speeds = [s for s in speeds if s.get("kind") == "speed" and s.get("status") == "ok"]
+            record["moekern"][f"{recipe} ({dtype})"] = {"command": " ".join(command[1:]), "speeds": speeds}
+            shutil.rmtree(out.parent)
+    q4 = record["llama.cpp"].get("q4_0", {}).get("decode_step_ms")
+    for recipe, result in record["moekern"].items():
+        for s in result["speeds"]:
+            ms = s["decode_step_median_s"] * 1e3
+            ratio = f", {ms / q4:.2f}x llama.cpp Q4_0's {q4:.2f} ms" if q4 else ""
+            print(f"{recipe:<22} {s['variant']:<24} decode {ms:8.2f} ms/step{ratio}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+// kernels_impl.h built for AVX2 + FMA + F16C. Chosen at run time by ops.cpp from the CPU's flags.
+#include <immintrin.h>
+#include <cstdint>
+
+#include "kernels.h"
+
+// Everything below is compiled for this target, whatever -m flags the build gives every file (one source, several
+// variants, in a build that cannot give files their own flags).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#endif
+namespace moekern_cpu {
+namespace avx2 {
+#define MOEKERN_ISA_LEVEL 2
+#define MOEKERN_ISA_NAME "avx2"
+#include "kernels_impl.h"
+}  // namespace avx2
+}  // namespace moekern_cpu
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+const moekern_cpu::Kernels* moekern_cpu::kernels_avx2() { return &avx2::kKernels; }
