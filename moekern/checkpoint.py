@@ -112,18 +112,21 @@ def atomic_folder(path: str | Path):
 
 
 def save(model, path: str | Path, tokenizer=None) -> Path:
-    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
-    safetensors with the in-memory names, and the tokenizer if given, all through atomic_folder."""
-    from safetensors.torch import save_model
+    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key (and moekern's
+    model_type where the result is not a standard architecture: moekern.architectures), the weights as safetensors in
+    the family's hub layout (moekern.hub_layout), and the tokenizer if given, all through atomic_folder."""
+    from safetensors.torch import save_file
 
+    from moekern.architectures import name_for_disk
+    from moekern.hub_layout import state_for_disk
     from moekern.surgery import decisions
 
     decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
     with atomic_folder(path) as tmp:
-        config_for_disk(model).save_pretrained(tmp)
+        name_for_disk(model, config_for_disk(model)).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path).expanduser()
@@ -165,16 +168,19 @@ def load(
     only then are the weights read (safetensors) into it. dtype None keeps the checkpoint's dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from moekern import surgery
+    from moekern import architectures, hub_layout, surgery
 
     path = resolve_model_dir(path)
     if surgery.KEY not in json.loads((path / "config.json").read_text()):
         return load_pretrained(path, dtype or "auto", device, trust_remote_code)
+    architectures.register_with_transformers()
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    config = architectures.base_config(config)  # a moekern_* folder builds its family's class
     state = read_weights(path)
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    state = hub_layout.state_from_disk(model, state)
     d = getattr(config, surgery.KEY, None)
     if d:
         replay(model, d, state)
@@ -191,8 +197,9 @@ def load(
             f"unexpected {sorted(unexpected)[:5]}. The checkpoint is corrupt or from another model."
         )
     model.tie_weights()
-    materialise_buffers(model, config)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype)
+    materialise_buffers(model, config)  # after the cast: the rotary inv_freq stays fp32, as transformers keeps it
+    model = model.to(device=device).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
