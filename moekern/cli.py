@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading_args(compress)
     compress.set_defaults(run=run_compress)
     from moekern.bench.cli import add_harness_commands  # bench, eval, report
+    from moekern.serving.server import add_serve_command  # serve (vLLM, from its own environment)
 
     add_harness_commands(sub)
+    add_serve_command(sub)
     return parser
 
 

@@ -50,3 +50,16 @@ def poisoned_kernel_outputs(monkeypatch):
 
     monkeypatch.setattr(moe_gemm, "_alloc", _poison)
     monkeypatch.setattr(routing, "_alloc", _poison)
+
+
+
+SERVING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/serving/ needs vLLM's own environment and minutes per server: it runs only when named
+    (`python -m pytest tests/serving`, as .ci/run does), never in the main `python -m pytest -q`."""
+    if not str(collection_path).startswith(SERVING):
+        return None
+    named = [os.path.abspath(str(arg).split("::")[0]) for arg in config.args]
+    return True if not any(a == SERVING or a.startswith(SERVING + os.sep) for a in named) else None
