@@ -11,7 +11,8 @@ its family's names and stays a plain hub checkpoint.
 
 `import moekern` registers these names with transformers' AutoConfig and AutoModelForCausalLM, without importing
 transformers: if transformers' Auto modules are loaded already, at once; otherwise right after Python imports them
-(a post-import hook on those two modules, removed once both are done). Then `AutoModelForCausalLM.from_pretrained`
+(a post-import hook that waits until no transformers module is mid-import, and removes itself once both Auto modules
+know the names). Then `AutoModelForCausalLM.from_pretrained`
 of such a folder returns what `moekern.load` returns. Without moekern, transformers refuses the unknown model_type.
 The vLLM plugin (moekern.serving.vllm_plugin) registers the same architecture names with vLLM.
 """
@@ -139,17 +140,24 @@ def register_with_transformers(models: bool = True) -> None:
         _busy.clear()
 
 
+_importing = [0]  # how many transformers modules are being executed right now
+
+
 def _register_what_is_loaded() -> None:
+    if CONFIG_MODULE not in sys.modules:
+        return
     try:
         register_with_transformers(models=False)  # the models too where modeling_auto is loaded
     except Exception as exc:  # never break the user's import of transformers
-        warnings.warn(f"moekern could not register its model types with transformers: {exc!r}", stacklevel=2)
+        warnings.warn(f"moekern could not register its model types with transformers: {exc!r}; moekern.load "
+                      f"still reads moekern checkpoints", stacklevel=2)
     if all(_registered.values()):
         _remove_hook()
 
 
 class _ThenRegister(importlib.abc.Loader):
-    """Wraps the loader of a watched transformers module: runs it, then registers."""
+    """Wraps the loader of a transformers module: runs it, then, once no transformers module is still being
+    executed, registers (the config classes it imports need the modules that import them complete)."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -158,25 +166,31 @@ class _ThenRegister(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        self._loader.exec_module(module)
-        _register_what_is_loaded()
+        _importing[0] += 1
+        try:
+            self._loader.exec_module(module)
+        finally:
+            _importing[0] -= 1
+        if not _importing[0]:
+            _register_what_is_loaded()
 
     def __getattr__(self, name):  # get_source, get_filename, ... as the wrapped loader
         return getattr(self._loader, name)
 
 
 class _AfterTransformersAuto(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for the two watched modules it asks the other finders, and wraps the loader."""
+    """Finds nothing itself: for transformers' modules it asks the other finders and wraps the loader; it removes
+    itself once the Auto classes know the moekern model types."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in (CONFIG_MODULE, MODELING_MODULE):
+        if fullname != "transformers" and not fullname.startswith("transformers."):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
-                if spec.loader is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
                     spec.loader = _ThenRegister(spec.loader)
                 return spec
         return None
@@ -192,7 +206,6 @@ def _remove_hook() -> None:
 
 def install() -> None:
     """Called by `import moekern`: register now where transformers' Auto modules are loaded, else when they are."""
-    if CONFIG_MODULE in sys.modules or MODELING_MODULE in sys.modules:
-        _register_what_is_loaded()
+    _register_what_is_loaded()
     if not all(_registered.values()) and _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)

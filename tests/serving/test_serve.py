@@ -40,7 +40,7 @@ def test_served_tokens_equal_moekerns(recipe, compressed, serve):
     assert config["architectures"] == (["MixtralForCausalLM"] if standard else ["MoekernMixtralForCausalLM"])
     expected = moekern_tokens(folder)
     # a standard result needs no plugin: VLLM_PLUGINS names none, so vLLM loads no plugin at all
-    server = serve(folder, extra_env={"VLLM_PLUGINS": ""} if standard else None)
+    server = serve(folder, env={"VLLM_PLUGINS": ""} if standard else None)
     load_seconds = server.wait_ready()
     served = server.complete(PROMPTS, MAX_TOKENS)
     assert served == expected, f"{recipe}: vLLM {served} != moekern {expected} (server up in {load_seconds:.0f} s)"

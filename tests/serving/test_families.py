@@ -1,0 +1,78 @@
+"""moekern's vLLM classes for every family vLLM has: a small random model of each, with a different expert count in
+one layer, masked experts and skip in another, a removed MoE and a removed block, served by `moekern serve`; its
+greedy tokens equal moekern's own generate (float32). The models have no tokenizer: prompts go as token ids."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+import moekern
+from moekern import surgery
+
+# head_dim 64: a size vLLM's CPU attention kernels take
+COMMON = dict(vocab_size=512, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+              num_hidden_layers=6, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+MLA = dict(num_key_value_heads=2, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=64,
+           v_head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+CONFIGS = {
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=64,
+                                        shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                                        norm_topk_prob=False, mlp_only_layers=[1]),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=64, intermediate_size=96, moe_intermediate_size=64,
+                                        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    "olmoe": lambda: OlmoeConfig(**COMMON, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                                 norm_topk_prob=False),
+    "deepseek_v2": lambda: DeepseekV2Config(**{**COMMON, **MLA}, intermediate_size=96, moe_intermediate_size=64,
+                                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                            first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2,
+                                            topk_group=1, routed_scaling_factor=2.5),
+    "deepseek_v3": lambda: DeepseekV3Config(**{**COMMON, **MLA}, intermediate_size=96, moe_intermediate_size=64,
+                                            n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                                            first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                                            routed_scaling_factor=1.5),
+}
+PROMPTS = [[5, 17, 33, 2, 61, 40, 7], [100, 200, 300, 400], [9, 8, 7, 6, 5, 4, 3, 2]]
+MAX_TOKENS = 16
+
+
+def random_model(family: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # decided routing, every part of the block in use
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if "correction_bias" in name:
+                b.normal_(0.0, 0.1)
+    moe = surgery.moe_layer_ids(model)
+    surgery.drop_experts(model, {moe[0]: [0, 2, 3, 5, 6]})  # a different count
+    surgery.drop_experts(model, {moe[1]: [1, 2, 4, 7]}, mask_only=True)  # masked
+    surgery.set_skip_beta(model, {moe[1]: 0.4, moe[2]: 0.6})
+    surgery.remove_moe_layers(model, [moe[3]])
+    surgery.remove_blocks(model, [moe[-1]])
+    return model
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_each_family_serves_as_moekern_generates(family, tmp_path, serve):
+    moekern.save(random_model(family), tmp_path / "model")
+    model, _ = moekern.load(tmp_path / "model", dtype=torch.float32)
+    with torch.no_grad():
+        expected = [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                   min_new_tokens=MAX_TOKENS)[0, len(p):].tolist() for p in PROMPTS]
+    server = serve(tmp_path / "model", extra_args=["--skip-tokenizer-init"])
+    server.wait_ready()
+    served = server.complete(PROMPTS, MAX_TOKENS, ignore_eos=True)
+    assert served == expected
