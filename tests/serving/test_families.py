@@ -18,7 +18,8 @@ from moekern import surgery
 
 # head_dim 64: a size vLLM's CPU attention kernels take
 COMMON = dict(vocab_size=512, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-              num_hidden_layers=6, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+              num_hidden_layers=6, bos_token_id=0, eos_token_id=None, pad_token_id=2, tie_word_embeddings=False)
+# no EOS: both sides generate MAX_TOKENS argmax tokens
 MLA = dict(num_key_value_heads=2, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=64,
            v_head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 CONFIGS = {
@@ -69,9 +70,12 @@ def random_model(family: str):
 def test_each_family_serves_as_moekern_generates(family, tmp_path, serve):
     moekern.save(random_model(family), tmp_path / "model")
     model, _ = moekern.load(tmp_path / "model", dtype=torch.float32)
-    with torch.no_grad():
-        expected = [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                   min_new_tokens=MAX_TOKENS)[0, len(p):].tolist() for p in PROMPTS]
+    expected = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():  # every prompt token attended (HF would mask tokens equal to the pad id)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
+        expected.append(out[0, len(prompt):].tolist())
     server = serve(tmp_path / "model", extra_args=["--skip-tokenizer-init"])
     server.wait_ready()
     served = server.complete(PROMPTS, MAX_TOKENS, ignore_eos=True)

@@ -26,8 +26,8 @@ def moekern_tokens(folder) -> list[list[int]]:
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            generated = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out.append(generated[0, ids.shape[1]:].tolist())
     return out
 
