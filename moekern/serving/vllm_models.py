@@ -35,6 +35,8 @@ class Family:
     moe_block: str  # the MoE block class's name in `module`
     moe_attr: str  # the decoder layer's attribute that holds it
     count_field: str  # the config field of the number of routed experts
+    # transformers' semantics of the family, where vLLM reads them from config fields transformers' config lacks
+    defaults: tuple[tuple[str, object], ...] = ()
 
 
 FAMILIES = {
@@ -43,7 +45,8 @@ FAMILIES = {
     "qwen3_moe": Family(qwen3_moe, qwen3_moe.Qwen3MoeForCausalLM, "Qwen3MoeSparseMoeBlock", "mlp", "num_experts"),
     "olmoe": Family(olmoe, olmoe.OlmoeForCausalLM, "OlmoeMoE", "mlp", "num_experts"),
     "deepseek_v2": Family(deepseek_v2, deepseek_v2.DeepseekV2ForCausalLM, "DeepseekV2MoE", "mlp", "n_routed_experts"),
-    "deepseek_v3": Family(deepseek_v2, deepseek_v2.DeepseekV3ForCausalLM, "DeepseekV2MoE", "mlp", "n_routed_experts"),
+    "deepseek_v3": Family(deepseek_v2, deepseek_v2.DeepseekV3ForCausalLM, "DeepseekV2MoE", "mlp", "n_routed_experts",
+                          (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"))),  # V3: always, in transformers
 }
 
 
@@ -66,15 +69,16 @@ class _Build:
 
 
 @contextlib.contextmanager
-def _fields(config, **values):
-    saved = {k: getattr(config, k) for k in values}
+def _attributes(obj, **values):
+    """Set attributes of `obj` (a config, a module) for the duration of the block."""
+    saved = {k: getattr(obj, k) for k in values}
     for k, v in values.items():
-        setattr(config, k, v)
+        setattr(obj, k, v)
     try:
         yield
     finally:
         for k, v in saved.items():
-            setattr(config, k, v)
+            setattr(obj, k, v)
 
 
 def _moekern_block(family: Family) -> type:
@@ -94,7 +98,7 @@ def _moekern_block(family: Family) -> type:
             config = _Build.config
             _Build.block = plan
             try:  # Qwen, DeepSeek: read from the config
-                with _fields(config, **{family.count_field: count, "num_experts_per_tok": top_k}):
+                with _attributes(config, **{family.count_field: count, "num_experts_per_tok": top_k}):
                     super().__init__(*args, **kwargs)
             finally:
                 _Build.block = None
@@ -124,18 +128,6 @@ def _factory_with_moekern_routing(*args, **kwargs):
     return fused_moe.FusedMoEFactory(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _substituted(module, **attrs):
-    saved = {k: getattr(module, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
-
-
 def _plans_for(vllm_config) -> list[LayerPlan]:
     config = vllm_config.model_config.hf_text_config
     if (getattr(config, "moekern", None) or {}).get("quant"):
@@ -150,10 +142,13 @@ def _plans_for(vllm_config) -> list[LayerPlan]:
 
 def _init(self, family: Family, *, vllm_config, prefix: str = ""):
     plans = _plans_for(vllm_config)
+    for field, value in family.defaults:
+        if getattr(vllm_config.model_config.hf_text_config, field, None) is None:
+            setattr(vllm_config.model_config.hf_text_config, field, value)
     _Build.plans, _Build.config, _Build.routings = {p.layer: p for p in plans}, vllm_config.model_config.hf_text_config, []
     block = _moekern_block(family)
     try:
-        with _substituted(family.module, **{family.moe_block: block, "FusedMoEFactory": _factory_with_moekern_routing}):
+        with _attributes(family.module, **{family.moe_block: block, "FusedMoEFactory": _factory_with_moekern_routing}):
             family.causal_lm.__init__(self, vllm_config=vllm_config, prefix=prefix)
     finally:
         routings = _Build.routings

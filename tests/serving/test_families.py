@@ -4,6 +4,7 @@ greedy tokens equal moekern's own generate (float32). The models have no tokeniz
 
 import pytest
 import torch
+from tiny_models import redraw_weights
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
@@ -20,7 +21,8 @@ from moekern import surgery
 COMMON = dict(vocab_size=512, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
               num_hidden_layers=6, bos_token_id=0, eos_token_id=None, pad_token_id=2, tie_word_embeddings=False)
 # no EOS: both sides generate MAX_TOKENS argmax tokens
-MLA = dict(num_key_value_heads=2, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=64,
+# DeepSeek's latent attention: vLLM's CPU kernel takes only kv_lora_rank + qk_rope_head_dim = 512 + 64
+MLA = dict(num_key_value_heads=2, kv_lora_rank=512, q_lora_rank=96, qk_rope_head_dim=64, qk_nope_head_dim=64,
            v_head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 CONFIGS = {
     "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=64,
@@ -45,18 +47,7 @@ MAX_TOKENS = 16
 
 def random_model(family: str):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # decided routing, every part of the block in use
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif "norm" in name:
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if "correction_bias" in name:
-                b.normal_(0.0, 0.1)
+    model = redraw_weights(AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32), 0.08)
     moe = surgery.moe_layer_ids(model)
     surgery.drop_experts(model, {moe[0]: [0, 2, 3, 5, 6]})  # a different count
     surgery.drop_experts(model, {moe[1]: [1, 2, 4, 7]}, mask_only=True)  # masked
