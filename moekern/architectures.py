@@ -81,9 +81,11 @@ def standard_architecture(model, config) -> bool:
 
 def name_for_disk(model, config):
     """`config` (a copy, as it goes to disk) renamed to the moekern model_type and architecture where the model is
-    not a standard architecture; the config classes differ only in their model_type."""
+    not a standard architecture (the config classes differ only in their model_type), else named by the model's
+    class as save_pretrained names it."""
     base = config.model_type
     if base not in CLASS_STEMS or standard_architecture(model, config):
+        config.architectures = [type(model).__name__]  # as save_pretrained writes it (vLLM picks its class by it)
         return config
     register_with_transformers()
     from moekern import hf_classes

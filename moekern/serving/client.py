@@ -60,15 +60,19 @@ class ServedModel:
             time.sleep(0.5)
         raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{self.tail()}")
 
-    def complete(self, prompts: list[str], max_tokens: int, **options) -> list[list[int]]:
-        """Greedy completions (temperature 0): the generated token ids of each prompt, in order."""
+    def completions(self, prompts: list, max_tokens: int, **options) -> list[dict]:
+        """The choices of a greedy (temperature 0) completion request, in prompt order; prompts are texts or lists
+        of token ids. Each choice has its generated "token_ids"."""
         body = {"model": self.name, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0.0,
                 "return_token_ids": True, **options}
         request = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=900) as answer:
-            choices = sorted(json.loads(answer.read())["choices"], key=lambda c: c["index"])
-        return [c["token_ids"] for c in choices]
+            return sorted(json.loads(answer.read())["choices"], key=lambda c: c["index"])
+
+    def complete(self, prompts: list, max_tokens: int, **options) -> list[list[int]]:
+        """The generated token ids of each prompt."""
+        return [c["token_ids"] for c in self.completions(prompts, max_tokens, **options)]
 
     def tail(self, chars: int = 4000) -> str:
         self.log.flush()
