@@ -1,6 +1,7 @@
 """moekern's vLLM classes for every family vLLM has: a small random model of each, with a different expert count in
 one layer, masked experts and skip in another, a removed MoE and a removed block, served by `moekern serve`; its
-greedy tokens equal moekern's own generate (float32). The models have no tokenizer: prompts go as token ids."""
+greedy tokens equal moekern's own generate (float32). The models carry the shipped model's tokenizer (vLLM's
+log-probabilities need one); prompts go as token ids."""
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import moekern
 from moekern import surgery
 
 # head_dim 64: a size vLLM's CPU attention kernels take
-COMMON = dict(vocab_size=512, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+COMMON = dict(vocab_size=4096, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
               num_hidden_layers=6, bos_token_id=0, eos_token_id=None, pad_token_id=2, tie_word_embeddings=False)
 # no EOS: both sides generate MAX_TOKENS argmax tokens
 # DeepSeek's latent attention: vLLM's CPU kernel takes only kv_lora_rank + qk_rope_head_dim = 512 + 64
@@ -57,9 +58,16 @@ def random_model(family: str):
     return model
 
 
+def save(model, folder):
+    from moekern.shipped import MODEL_DIR
+    from transformers import AutoTokenizer
+
+    moekern.save(model, folder, tokenizer=AutoTokenizer.from_pretrained(MODEL_DIR))
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
 def test_each_family_serves_as_moekern_generates(family, tmp_path, serve):
-    moekern.save(random_model(family), tmp_path / "model")
+    save(random_model(family), tmp_path / "model")
     model, _ = moekern.load(tmp_path / "model", dtype=torch.float32)
     expected = []
     for prompt in PROMPTS:
@@ -67,7 +75,7 @@ def test_each_family_serves_as_moekern_generates(family, tmp_path, serve):
         with torch.no_grad():  # every prompt token attended (HF would mask tokens equal to the pad id)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
         expected.append(out[0, len(prompt):].tolist())
-    server = serve(tmp_path / "model", extra_args=["--skip-tokenizer-init"])
+    server = serve(tmp_path / "model")
     server.wait_ready()
     served = server.complete(PROMPTS, MAX_TOKENS, ignore_eos=True)
     assert served == expected
@@ -80,12 +88,12 @@ def test_deepseek_first_position_logprobs_equal_moekerns(family, tmp_path, serve
     apart from position 1 on, equal at position 0), which is vLLM's attention, not moekern's plugin: at position 0
     attention is exact, and what the plugin builds (expert counts, removed MoE, masked experts, skip, groups and the
     correction bias over the original experts, the routed scaling) decides the output."""
-    moekern.save(random_model(family), tmp_path / "model")
+    save(random_model(family), tmp_path / "model")
     model, _ = moekern.load(tmp_path / "model", dtype=torch.float32)
-    tokens = list(range(3, 400, 13))
+    tokens = list(range(3, 4000, 97))
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor(tokens)[:, None]).logits[:, 0].float(), dim=-1)
-    server = serve(tmp_path / "model", extra_args=["--skip-tokenizer-init"])
+    server = serve(tmp_path / "model")
     server.wait_ready()
     choices = server.completions([[t] for t in tokens], 1, ignore_eos=True, logprobs=1)
     served = [c["token_ids"][0] for c in choices]
