@@ -57,16 +57,20 @@ def base_model_type(model_type: str | None) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------------
 def standard_architecture(model, config) -> bool:
     """Whether `model`, saved with `config` (its on-disk config), is its family's plain architecture: no removed
-    MoE, no skip, no moekern 4-bit module, and every MoE layer stores exactly config's expert count, all alive."""
+    MoE, no skip, no module of moekern's own with tensors of its own (4-bit experts and linears, adapters), and
+    every MoE layer stores exactly config's expert count, all alive."""
     from moekern.models import family_of
-    from moekern.modules.quant import QuantizedExperts, QuantizedLinear
+    from moekern.modules.moe import MoEBlock
     from moekern.surgery import decisions, decoder_layers, is_moe_block
 
     d = decisions(model)
     if d["dropped_moe_layers"] or any(beta is not None for beta in d["skip_beta"]):
         return False
-    if any(isinstance(m, (QuantizedExperts, QuantizedLinear)) for m in model.modules()):
-        return False
+    for module in model.modules():
+        own_tensors = next(module.parameters(recurse=False), None) is not None or \
+            next(module.buffers(recurse=False), None) is not None
+        if own_tensors and type(module).__module__.startswith("moekern.") and not isinstance(module, MoEBlock):
+            return False
     count = getattr(config, family_of(model).expert_count_field)
     for layer in decoder_layers(model):
         mlp = layer.mlp

@@ -46,7 +46,9 @@ def state_for_disk(model) -> dict[str, torch.Tensor]:
 
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     stand_ins = _quantized_expert_stand_ins(model, state)  # removes those buffers from state
+    own = _moekern_tensors(model, state)  # and the other tensors of moekern's modules
     out = revert_weight_conversion(model, state)
+    out.update(_renamed_only(model, own))
     for part, tensors in stand_ins.items():
         for stacked_name, stand_in in tensors.items():  # one at a time: each knows its last dim (transformers'
             for name, tensor in revert_weight_conversion(model, {stacked_name: stand_in}).items():  # split squeezes)
@@ -112,6 +114,29 @@ def _one_row(name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise MoekernError(f"{name}: the gate and up projections of an expert carry different input scales; "
                            f"moekern's 4-bit experts share one per expert")
     return tensor[:, 0]
+
+
+def _moekern_tensors(model, state: dict) -> dict[str, torch.Tensor]:
+    """The tensors held by moekern's own modules (4-bit linears, adapters), taken out of `state`: transformers'
+    patterns are regular expressions that can match their names (`lora_experts.gate_up_proj_A` matches
+    `.experts.gate_up_proj`), and only the module path around them is transformers'."""
+    own = {}
+    for name in list(state):
+        owner = name.rpartition(".")[0]
+        if type(model.get_submodule(owner)).__module__.startswith("moekern."):
+            own[name] = state.pop(name)
+    return own
+
+
+def _renamed_only(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors under the module paths save_pretrained writes (its renamings reversed, no converter)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, rename_source_key
+
+    conversions = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [c.reverse_transform() for c in conversions[::-1]
+                 if isinstance(c, WeightRenaming) and not isinstance(c, PrefixChange)]
+    return {rename_source_key(name, renamings, [], reverse=True)[0]: tensor for name, tensor in state.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
