@@ -23,6 +23,9 @@ def experts_forward(
     tap = getattr(experts, "calibration_tap", None)
     if tap is not None:  # moekern.quant.calibrate records which tokens reach which expert
         tap(hidden_states, top_k_index, top_k_weights)
+    adapter = getattr(experts, "lora_experts", None)
+    if adapter is not None:  # LoRA over the frozen experts (moekern.finetune.lora): its own differentiable path
+        return adapter(experts, hidden_states, top_k_index, top_k_weights)
     if isinstance(experts, QuantizedExperts):
         if not _use_4bit_kernels(experts, hidden_states.device):
             return experts.reference_forward(hidden_states, top_k_index, top_k_weights)
