@@ -129,7 +129,9 @@ def test_nonstandard_results_get_moekern_names_and_load_through_auto(tmp_path, f
 
 
 @pytest.mark.parametrize("edit", ["layer-drop", "masked", "4-bit", "grouped"])
-def test_every_nonstandard_edit_is_named(tmp_path, edit):
+def test_every_nonstandard_edit_is_named_and_auto_loads_it_right(tmp_path, edit):
+    """Each edit that plain transformers used to load silently wrong (re-initialised experts or norms, routing to
+    masked experts) is named, and AutoModelForCausalLM after `import moekern` gives the saved model's logits."""
     family = "deepseek_v3" if edit == "grouped" else "mixtral"
     model = tiny_model(family)
     moe = surgery.moe_layer_ids(model)
@@ -141,8 +143,26 @@ def test_every_nonstandard_edit_is_named(tmp_path, edit):
         quantize_(model, QuantConfig("rtn", group_size=8))
     else:  # the same count everywhere, but the router's expert groups need the original numbering
         surgery.drop_experts(model, {layer: [0, 1, 2, 3] for layer in moe})
+    ids = torch.randint(3, 97, (2, 7))
+    expected = logits(model, ids)
     moekern.save(model, tmp_path / "out")
     assert config(tmp_path / "out")["model_type"] == f"moekern_{family}"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert rel_err(logits(loaded, ids), expected) <= 1e-5
+
+
+def test_a_moekern_type_is_checked_as_its_family(tmp_path):
+    """The schema check reads a moekern_* config as its family's: an expert count that does not fit the decisions
+    is named by the family's own field (Qwen3-MoE stores num_experts as num_local_experts), not refused as an
+    unknown model type."""
+    moekern.save(nonstandard(tiny_model("qwen3_moe")), tmp_path / "out")
+    written = config(tmp_path / "out")
+    assert written["model_type"] == "moekern_qwen3_moe"
+    written["num_experts"] = written.get("num_experts", written.get("num_local_experts")) - 1
+    written.pop("num_local_experts", None)
+    (tmp_path / "out" / "config.json").write_text(json.dumps(written))
+    with pytest.raises(MoekernError, match="does not fit num_experts"):
+        moekern.load(tmp_path / "out")
 
 
 def test_auto_model_from_pretrained_takes_dtype_and_refuses_what_moekern_load_cannot_do(tmp_path):
@@ -177,6 +197,21 @@ def test_import_moekern_stays_light_and_registers_on_first_use():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_import_moekern_after_transformers_registers_at_once():
+    """The other order: transformers' Auto classes are loaded before moekern, so no import hook is left waiting."""
+    script = ("import sys\n"
+              "from transformers import AutoModelForCausalLM\n"
+              "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+              "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING\n"
+              "import moekern\n"
+              "from moekern.architectures import _HOOK\n"
+              "config = CONFIG_MAPPING['moekern_mixtral']\n"
+              "print(MODEL_FOR_CAUSAL_LM_MAPPING[config].__name__, _HOOK in sys.meta_path)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert done.stdout.strip() == "MoekernMixtralForCausalLM False", done.stderr
 
 
 @pytest.mark.parametrize("name", ["mixtral-trimmed", "olmoe-rtn4"])
