@@ -12,9 +12,14 @@ modules in `moekern.modules`, one adapter per model family in `moekern.models`, 
 
 from importlib import import_module
 
+from moekern import architectures
 from moekern.errors import MoekernError
 
 __version__ = "0.1.0"
+
+# moekern's model types (checkpoints transformers' own classes cannot hold) join transformers' Auto classes as soon
+# as those are imported, without importing transformers here.
+architectures.install()
 
 # Imported on first use, so that `moekern --help` does not pay for importing transformers.
 _LAZY = {

@@ -94,24 +94,27 @@ WEIGHTS = "model.safetensors"
 
 
 def save(model, path: str | Path, tokenizer=None, *, overwrite: bool = False, add_files=None) -> Path:
-    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
-    safetensors with the in-memory names, and the tokenizer if given.
+    """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key (and moekern's
+    model_type where the result is not a standard architecture: moekern.architectures), the weights as safetensors in
+    the family's hub layout (moekern.hub_layout), and the tokenizer if given.
 
     The output rule of moekern.folders holds: an existing `path` is replaced only if it is a moekern model and
     overwrite=True, never the model's own source folder; everything is written into a temporary folder beside
     `path` that takes its place at the end. add_files(folder) writes more files (a report) into that folder, so
     that they appear together with the checkpoint."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
+    from moekern.architectures import name_for_disk
+    from moekern.hub_layout import state_for_disk
     from moekern.surgery import decisions
 
     decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
     source = getattr(model.config, "_name_or_path", None)
     with folders.replaced_folder(path, folders.MODEL, overwrite=overwrite, sources=[source]) as tmp:
-        config_for_disk(model).save_pretrained(tmp)
+        name_for_disk(model, config_for_disk(model)).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if add_files is not None:
@@ -155,7 +158,7 @@ def load(
     only then are the weights read (safetensors) into it. dtype None keeps the checkpoint's dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from moekern import surgery
+    from moekern import architectures, hub_layout, surgery
 
     from moekern.schema import validate_decisions
 
@@ -164,11 +167,14 @@ def load(
     if not isinstance(raw, dict) or surgery.KEY not in raw:
         return load_pretrained(path, dtype or "auto", device, trust_remote_code)
     validate_decisions(raw[surgery.KEY], raw, where=str(path / "config.json"))
+    architectures.register_with_transformers()
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    config = architectures.base_config(config)  # a moekern_* folder builds its family's class
     state = read_weights(path)
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    state = hub_layout.state_from_disk(model, state)
     d = getattr(config, surgery.KEY, None)
     if d:
         replay(model, d, state)
@@ -185,8 +191,9 @@ def load(
             f"unexpected {sorted(unexpected)[:5]}. The checkpoint is corrupt or from another model."
         )
     model.tie_weights()
-    materialise_buffers(model, config)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype)
+    materialise_buffers(model, config)  # after the cast: the rotary inv_freq stays fp32, as transformers keeps it
+    model = model.to(device=device).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

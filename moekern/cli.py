@@ -87,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading_args(compress)
     compress.set_defaults(run=run_compress, writes="model")
     from moekern.bench.cli import add_harness_commands  # bench, eval, report
+    from moekern.serving.server import add_serve_command  # serve (vLLM, from its own environment)
 
     add_harness_commands(sub)
     from moekern.finetune.cli import add_finetune_command
 
     add_finetune_command(sub)
+    add_serve_command(sub)
     return parser
 
 

@@ -81,3 +81,15 @@ def interpreter_bf16_dot(monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
     monkeypatch.setattr(moe_gemm, "INTERPRETER_BF16_DOT", True)
     yield
+
+
+SERVING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/serving/ needs vLLM's own environment and minutes per server: it runs only when named
+    (`python -m pytest tests/serving`, as .ci/run does), never in the main `python -m pytest -q`."""
+    if not str(collection_path).startswith(SERVING):
+        return None
+    named = [os.path.abspath(str(arg).split("::")[0]) for arg in config.args]
+    return True if not any(a == SERVING or a.startswith(SERVING + os.sep) for a in named) else None

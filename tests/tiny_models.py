@@ -56,10 +56,15 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return redraw_weights(model, 0.2)
+
+
+def redraw_weights(model, matrix_std: float):
+    """Matrices ~ N(0, matrix_std), norms ~ N(1, 0.1), other vectors and DeepSeek's correction bias ~ N(0, 0.1)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, matrix_std)
             elif "norm" in name:
                 p.normal_(1.0, 0.1)
             else:

@@ -16,8 +16,11 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model_or_config) -> Family:
+    from moekern.architectures import base_model_type
+
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(model_type) or model_type  # a moekern_* checkpoint's config is its family's
     if model_type not in FAMILIES:
         raise MoekernError(
             f"moekern does not know the model type {model_type!r}. Known MoE families: {', '.join(sorted(FAMILIES))}."

@@ -292,12 +292,13 @@ def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = No
             f"(as transformers 5 names); a shard or tensor is missing"
         )
     model.tie_weights()
-    materialise_buffers(model, config)
     if len(groups) > 1:
         raise MoekernError(f"{str(path)!r} mixes group sizes {sorted(groups)}")
     group = groups.pop()
     decisions(model)["quant"] = {"method": hq.method, "bits": 4, "group_size": group, "format": hq.format}
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype)
+    materialise_buffers(model, config)  # after the cast: the rotary inv_freq stays fp32, as transformers keeps it
+    model = model.to(device=device).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -312,6 +313,12 @@ def _dtype(dtype, config) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise MoekernError(f"dtype must be a floating point torch dtype (float16, bfloat16, float32), got {dtype!r}")
     return dtype
+
+
+def _is_router(module_path: str, family) -> bool:
+    """Whether a module is the router of an MoE block (`...mlp.gate`, GPT-OSS `...mlp.router`)."""
+    parent, _, name = module_path.rpartition(".")
+    return name == family.router_attr and parent.rsplit(".", 1)[-1] == "mlp"
 
 
 def _decoder_layers(model):
@@ -467,7 +474,9 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
             out.update({f"{key}.{k}": v.contiguous() for k, v in tensors.items()})
             quantized.append(key)
             consumed.update(f"{module_path}.{b}" for b, _ in module.named_buffers())
-        elif type(module) is nn.Linear:
+        elif type(module) is nn.Linear or _is_router(module_path, family):
+            # the routers too (transformers 5 gives them classes of their own, e.g. MixtralTopKRouter): AutoAWQ's
+            # loader would otherwise make every module it is not told about a 4-bit layer
             not_converted.append(_checkpoint_name(module_path, moe_prefix))
         elif targets.ROUTED == module_path.rsplit(".", 1)[-1] and isinstance(getattr(module, "gate_up_proj", None),
                                                                               nn.Parameter):
