@@ -73,15 +73,28 @@ def load_pretrained(
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise MoekernError(
-                f"{str(path)!r} needs custom modeling code. moekern never runs remote code unless you pass "
-                f"--trust-remote-code (trust_remote_code=True) and have read that code."
-            ) from exc
-        raise MoekernError(f"could not load {str(path)!r}: {exc}") from exc
+        raise _load_error(path, exc) from exc
     except (OSError, RuntimeError) as exc:  # safetensors raises these for truncated or corrupt shards
         raise MoekernError(f"could not load {str(path)!r}: {exc}. Is a weight shard missing or corrupt?") from exc
+    from moekern.models import FAMILIES, adopt
+
+    if getattr(model.config, "model_type", None) in FAMILIES:
+        adopt(model)  # DeepSeek-MoE's remote blocks become moekern's (the output is unchanged)
     return model.to(device).eval(), tokenizer
+
+
+def _load_error(path: Path, exc: ValueError) -> MoekernError:
+    if "trust_remote_code" in str(exc):
+        return MoekernError(
+            f"{str(path)!r} needs custom modeling code. moekern never runs remote code unless you pass "
+            f"--trust-remote-code (trust_remote_code=True) and have read that code."
+        )
+    return MoekernError(f"could not load {str(path)!r}: {exc}")
+
+
+def is_remote_code(obj) -> bool:
+    """Whether a model or config class came from a checkpoint's own Python files (transformers' dynamic modules)."""
+    return type(obj).__module__.startswith("transformers_modules")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -114,19 +127,39 @@ def atomic_folder(path: str | Path):
 def save(model, path: str | Path, tokenizer=None) -> Path:
     """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
     safetensors with the in-memory names, and the tokenizer if given, all through atomic_folder."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
+    from moekern.models import Family, family_of
     from moekern.surgery import decisions
 
     decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
+    family = family_of(model)
     with atomic_folder(path) as tmp:
         config_for_disk(model).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if is_remote_code(model):  # the checkpoint's own modeling files go with it
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, tmp)
+        if type(family).to_disk is Family.to_disk:  # transformers' own layout: the names as in memory
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:  # the family's checkpoint layout (DeepSeek-MoE: one tensor per expert and projection)
+            save_file(family.to_disk(_unique_tensors(model)), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path).expanduser()
+
+
+def _unique_tensors(model) -> dict:
+    """The state dict with each storage once (a tied weight under its first name), contiguous."""
+    seen, out = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.detach().contiguous()
+    return out
 
 
 def config_for_disk(model):
@@ -167,14 +200,30 @@ def load(
 
     from moekern import surgery
 
+    from moekern.models import family_of
+
     path = resolve_model_dir(path)
     if surgery.KEY not in json.loads((path / "config.json").read_text()):
         return load_pretrained(path, dtype or "auto", device, trust_remote_code)
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise _load_error(path, exc) from exc
     state = read_weights(path)
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if is_remote_code(config):
+        # remote code builds its buffers in its own way (DeepSeek-MoE's rotary embedding): only the parameters go on
+        # the meta device, the buffers are computed as the model's code computes them
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    family = family_of(model)
+    family.adopt(model)
+    state = family.from_disk(state)
     d = getattr(config, surgery.KEY, None)
     if d:
         replay(model, d, state)

@@ -453,14 +453,17 @@ def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST",
 def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST", *, tokenizer=None,
                allow_fewer: bool = False, inplace: bool = False, samples: int | None = None,
                seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None,
-               base_stats=None) -> CompressionResult:
+               base_stats=None, quant_calibration=None) -> CompressionResult:
     """compress(), returning the CompressionResult: what each step decided, the statistics measured before
     trimming, and the sizes before and after (what moekern.compress.report writes).
 
     base_stats: TrimStats the caller measured (moekern.compress.stats.measure) on this very model, unchanged, and
     on the same calibration tensor; a trimming step that comes first uses them instead of measuring again if they
     were measured as it would measure them (record_tokens, batch_size, device, seed). Exact: it saves one pass per
-    recipe when many recipes compress copies of one model (moekern paper)."""
+    recipe when many recipes compress copies of one model (moekern paper).
+
+    quant_calibration: the calibration of a quantization step (AWQ, GPTQ) where it differs from the others' (the
+    paper: Pile for AWQ, Alpaca for GPTQ, C4 for the rest): token ids or a source, as `calibration`."""
     from moekern import surgery
     from moekern.compress.report import model_size
 
@@ -468,14 +471,20 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
     steps = recipe.ordered(order)
     check_recipe(recipe, model, allow_fewer)
     ids = _calibration(recipe, calibration, tokenizer, samples, seq_len, seed)
+    quant_ids = ids
+    if quant_calibration is not None and any(isinstance(s, Quantize) and s.method != "rtn" for s in steps):
+        quant_ids = _calibration(recipe, quant_calibration, tokenizer, samples, seq_len, seed)
     if not inplace:
         model = copy.deepcopy(model)
+    from moekern.models import adopt
+
+    adopt(model)
     before = model_size(model)
     log, first_stats = [], None
     for step in steps:
         started = time.perf_counter()
         if step.slimming:
-            entry = _slim(model, step, ids, batch_size, device)
+            entry = _slim(model, step, quant_ids if isinstance(step, Quantize) else ids, batch_size, device)
         else:
             from moekern.compress.stats import measure
 

@@ -306,6 +306,7 @@ def measure(
     every subset of R experts of each MoE layer (module doc; enumeration pruning's ":all")."""
     options = dict(batch_size=batch_size, device=device, record_tokens=record_tokens, max_tokens=max_tokens,
                    max_ratios=max_ratios, seed=seed, enumerate_keep=enumerate_keep)
+    family_of(model).adopt(model)  # DeepSeek-MoE's remote blocks: moekern's layout (output unchanged)
     originals = original_layer_ids(model)
     recorders: list[_LayerRecorder] = []
     states = _BlockStates(calibration.numel(), block_tokens) if block_tokens > 0 else None

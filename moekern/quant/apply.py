@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moekern.errors import MoekernError
+from moekern.models import family_of
 from moekern.models.base import expert_activation, expert_weights
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
 from moekern.ops.reference import Activation, gated_activation
@@ -60,6 +61,7 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
     weighted by the routing weights (the error as it reaches the layer's output).
     """
     config.validate()
+    family_of(model).adopt(model)
     d = decisions(model)
     if d.get("quant"):
         raise MoekernError(f"the model is already quantized ({d['quant']}); quantize the 16-bit model")
@@ -271,6 +273,7 @@ def prune_(model, config: PruneConfig, calibration: torch.Tensor | None = None, 
     calibrated on the tokens routed to it; down is pruned on what the pruned gate_up produces. An expert that no
     calibration token reaches is pruned by weight magnitude (counted as fallback_magnitude)."""
     config.validate()
+    family_of(model).adopt(model)
     ids = check_calibration(model, calibration, config.method)
     d = decisions(model)
     if d.get("quant"):
