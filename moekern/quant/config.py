@@ -72,7 +72,7 @@ class QuantConfig:
         """What goes into decisions(model)["quant"] (the options only where they are not the default)."""
         found = {"method": self.method, "bits": self.bits, "group_size": self.group_size}
         if self.method == "gptq":
-            found.update({k: v for k, v in self.gptq_options.items() if v != (k == "routing_weights")})
+            found.update({k: True for k in ("act_order", "sym") if self.gptq_options[k]})
         if self.scheme != "moekern":
             found["scheme"] = self.scheme
         return found
