@@ -99,6 +99,9 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed")
     paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
     add_loading_args(paper)
+    from moekern.bench.paper_extras import add_arguments
+
+    add_arguments(paper)  # --figures, --tables, --calib2: the paper's artefacts that need many more models
     paper.set_defaults(run=run_paper, dtype=None)
     next(a for a in paper._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
         "float32 on the CPU)"
@@ -177,6 +180,9 @@ class Paper:
         quiet_evaluation()
         try:
             self._rows(model)
+            from moekern.bench.paper_extras import run as run_extras
+
+            run_extras(self)
         finally:
             # also after an interrupt: the report of what was measured
             from moekern.bench.paper_report import write_report

@@ -66,7 +66,13 @@ def calibration_blocks(
     """Token ids LongTensor [n, seq_len] with n = samples (fewer only if the corpus is short; see the module doc)."""
     if samples <= 0 or seq_len <= 1:
         raise MoekernError(f"calibration needs samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
-    documents = read_documents(source)
+    name = "the shipped corpus" if source is None else repr(str(source))
+    return blocks_from_documents(tokenizer, read_documents(source), samples, seq_len, seed, name)
+
+
+def blocks_from_documents(tokenizer, documents: list[str], samples: int, seq_len: int, seed: int = 0,
+                          name: str = "the corpus") -> torch.Tensor:
+    """calibration_blocks on documents already read (module doc: shuffled, tokenized, joined with EOS, cut)."""
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id
@@ -81,7 +87,6 @@ def calibration_blocks(
         if len(stream) >= needed:
             break
     have = len(stream) // seq_len
-    name = "the shipped corpus" if source is None else repr(str(source))
     if have == 0:
         raise MoekernError(
             f"{name} has {len(stream)} tokens, fewer than one calibration block of {seq_len}; "
@@ -95,6 +100,26 @@ def calibration_blocks(
         )
     n = min(have, samples)
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def stdlib_sources() -> list[str]:
+    """The Python standard library's top-level modules as documents, one file each (sorted by name): a second text
+    that every machine with Python has, code with docstrings where the shipped corpus is documentation prose (the
+    second source of `moekern paper --figures all`'s robustness figure)."""
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for path in sorted(folder.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise MoekernError(f"found no Python source files in {str(folder)!r}; give a second calibration source")
+    return texts
 
 
 def read_documents(source: str | Path | None) -> list[str]:
