@@ -205,6 +205,7 @@ class Paper:
         except (MemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
+        moekern.unpatch(model)  # a remote-code model moekern adopted at load (DeepSeek-MoE): its own blocks again
         self._measure_row(0, "Baseline (transformers)", None, model, {"variant": "transformers", "steps": []})
         moekern.patch(model)  # from here on the rows run moekern's path; the baseline is not needed again
         self.base = Root(model, "uncompressed")
