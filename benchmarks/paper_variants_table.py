@@ -2,7 +2,7 @@
 divergence of the next-token distribution from the uncompressed model's, per recipe.
 
     PYTHONPATH=. python benchmarks/paper_variants_table.py [--out benchmarks/results/paper_variants.json]
-        [--only awq4,awq4:autoawq] [--render benchmarks/results/paper_variants.json]
+        [--only awq4,awq4:autoawq] [--resume] [--render benchmarks/results/paper_variants.json]
 
 Slimming: moekern's AWQ (per expert, routing-weighted) and AutoAWQ's MoE scheme (awq4:autoawq); moekern's GPTQ
 (routing-weighted Hessian, asymmetric grid) with act-order (:act), AutoGPTQ's symmetric grid (:sym), both, and
@@ -13,7 +13,8 @@ DeepSeek score (:topk); enumeration pruning on a 4096-token sample against every
 Every row is compressed from a fresh copy of the model with the same calibration as benchmarks/slimming_table.py
 (32 evenly spaced windows of 256 tokens of the shipped training text; the papers' C4, Pile and Alpaca are not on this
 machine) and scored on the whole held-out text: perplexity, KL(baseline || compressed) in nats per token, and the
-paired standard error of the perplexity change. Prints a markdown table and writes the figures as JSON.
+paired standard error of the perplexity change. Prints a markdown table; the JSON is written again after every row,
+and --resume keeps the rows an interrupted run of the same command already wrote.
 """
 
 import argparse
@@ -37,8 +38,8 @@ from moekern.shipped import heldout_text, load_model  # noqa: E402
 RECIPES = {
     "slimming": ["rtn4", "awq4", "awq4:autoawq", "gptq4", "gptq4:act", "gptq4:sym", "gptq4:act:sym",
                  "gptq4:autogptq"],
-    "trimming": ["expert-drop=2", "expert-drop=2:nofloor", "expert-drop=2:topk", "expert-drop=4",
-                 "expert-drop=4:nofloor", "enum-prune=6", "enum-prune=6:all", "enum-prune=4", "enum-prune=4:all"],
+    "trimming": ["expert-drop=2", "expert-drop=2:topk", "expert-drop=4", "expert-drop=4:nofloor", "enum-prune=6",
+                 "enum-prune=6:all"],
 }
 WHAT = {
     "rtn4": "RTN, group 128 (no calibration)",
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paper_variants.json")
     parser.add_argument("--only", default=None, help="comma-separated recipes (default: all)")
     parser.add_argument("--render", type=Path, default=None, help="only print the table of an earlier JSON")
+    parser.add_argument("--resume", action="store_true", help="keep the rows --out already holds")
     args = parser.parse_args()
     if args.render:
         print(markdown(json.loads(args.render.read_text())["rows"]))
@@ -75,13 +77,17 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model(torch.float32)
     heldout = token_windows(tokenizer, heldout_text(), 256)
+    args.heldout_tokens = int(heldout.numel())
     calibration = calibration_ids(tokenizer)
     baseline = evaluate(model, heldout)
     base_ppl = math.exp(sum(baseline["window_nll"]) / len(baseline["window_nll"]))
     rows = [{"recipe": "none", "group": "-", "what": "fp32, no compression", "perplexity": round(base_ppl, 3),
              "kl_to_baseline": 0.0, "delta_nll_se": 0.0, "compress_seconds": 0.0}]
+    if args.resume and args.out.exists():
+        rows += [r for r in json.loads(args.out.read_text())["rows"] if r["recipe"] != "none"]
     print(json.dumps(rows[0]), flush=True)
-    for recipe in wanted:
+    done = {r["recipe"] for r in rows}
+    for recipe in [r for r in wanted if r not in done]:
         group = next(g for g, rs in RECIPES.items() if recipe in rs)
         fresh, _ = load_model(torch.float32)
         started = time.time()
@@ -95,11 +101,19 @@ def main() -> None:
                "compress_seconds": round(seconds, 1), "decisions": _decisions(result)}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "decisions"}), flush=True)
+        write(args, rows, started_all)
+    write(args, rows, started_all)
+    print(markdown(rows))
+
+
+def write(args, rows: list[dict], started_all: float) -> None:
+    order = {r: i for i, r in enumerate(["none", *[r for group in RECIPES.values() for r in group]])}
+    rows = sorted(rows, key=lambda r: order.get(r["recipe"], len(order)))
     result = {
         "command": "PYTHONPATH=. python benchmarks/paper_variants_table.py" + (f" --only {args.only}" if args.only else ""),
         "model": "moekern shipped (Mixtral-style, 8 layers x 8 experts, top-2)",
         "calibration": "32 x 256 tokens of train_text(), evenly spaced windows (benchmarks/slimming_table.py)",
-        "heldout_tokens": int(heldout.numel()), "rows": rows, "seconds": round(time.time() - started_all, 1),
+        "heldout_tokens": args.heldout_tokens, "rows": rows, "seconds": round(time.time() - started_all, 1),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "machine": f"{platform.machine()}",
                         "commit": _commit()},
@@ -107,7 +121,6 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(rows))
 
 
 def _decisions(result) -> dict:
