@@ -117,3 +117,35 @@ def test_bad_figure_or_table_names_are_refused(capsys):
     assert exit_info.value.code == 2 and "--figures takes all, none or sweeps, robustness" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["paper", "--tables", "9"])
+
+
+def test_table_rows_share_their_slimming_step_exactly(shipped, monkeypatch):
+    from types import SimpleNamespace
+
+    import moekern
+    from moekern.bench import paper_extras
+    from moekern.compress import recipe as recipe_module
+    from moekern.compress.stats import measure
+
+    model, tokenizer = shipped
+    ids = calibration_blocks(tokenizer, None, 4, 32, 0)
+    base = moekern.patch(copy.deepcopy(model))
+    paper = SimpleNamespace(args=SimpleNamespace(allow_fewer_experts=False, seed=0), calibration=ids,
+                            base=SimpleNamespace(model=base),
+                            _stats=lambda root, record_tokens: measure(root.model, ids, record_tokens=record_tokens))
+    extras = paper_extras.Extras(paper)
+    slimming_runs = []
+    original = recipe_module._slim
+    monkeypatch.setattr(recipe_module, "_slim", lambda *a, **k: slimming_runs.append(1) or original(*a, **k))
+    shared_slimming = 0
+    for recipe, order in (("rtn4+layer-drop=2", "ST"), ("rtn4+block-drop=2", "ST"), ("rtn4+block-drop=2", "TS")):
+        before = len(slimming_runs)
+        shared = extras._compress(recipe, order)
+        shared_slimming += len(slimming_runs) - before
+        alone = run_recipe(base, recipe, ids, order).model
+        for key in ("dropped_moe_layers", "dropped_blocks", "quant", "recipe", "recipe_order"):
+            assert surgery.decisions(shared)[key] == surgery.decisions(alone)[key]
+        x = ids[:1]
+        with torch.no_grad():
+            assert torch.equal(shared(input_ids=x).logits, alone(input_ids=x).logits)
+    assert shared_slimming == 2  # rtn4 once for both ST rows, and once after trimming in the TS row

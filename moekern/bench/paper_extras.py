@@ -87,6 +87,7 @@ class Extras:
         self.paper, self.args = paper, paper.args
         self.base = paper.base.model
         self.stats = paper._stats(paper.base, record_tokens=False)
+        self.slimmed = {}  # slimming step -> the model it made, shared by the table rows that start with it
 
     # ------------------------------------------------------------------------------------------------------------
     def evaluate(self, model) -> dict:
@@ -183,7 +184,6 @@ class Extras:
 
     # ------------------------------------------------------------------------------------------------------------
     def table(self, table: str) -> None:
-        from moekern.compress.recipe import run_recipe
         from moekern.compress.report import model_size
 
         rows = TABLE_RECIPES[table]
@@ -197,8 +197,7 @@ class Extras:
             label, recipe, order = (*row, "ST")[:3]
             started = time.perf_counter()
             try:
-                model = run_recipe(self.base, recipe, self.paper.calibration, order,
-                                   allow_fewer=self.args.allow_fewer_experts, seed=self.args.seed).model
+                model = self._compress(recipe, order)
                 results = self.evaluate(model)
             except Exception as exc:  # noqa: BLE001 - the row says what failed; the next goes on
                 self.paper.writer.write("table", table=table, label=label, recipe=recipe, order=order,
@@ -210,6 +209,29 @@ class Extras:
                                     seconds=round(time.perf_counter() - started, 2))
             scores = ", ".join(f"{k.removeprefix('moekern_')} {v:.4g}" for k, v in results.items())
             print(f"  {label}: {scores}", flush=True)
+
+    def _compress(self, text: str, order: str):
+        """A copy of the uncompressed model compressed by the recipe; a slimming step that comes first is made once
+        for every row that starts with it (the same model a fresh run would make: it only depends on the step)."""
+        from moekern.compress.recipe import Recipe, run_recipe
+
+        recipe = Recipe.parse(text)
+        steps = recipe.ordered(order)
+        options = dict(allow_fewer=self.args.allow_fewer_experts, seed=self.args.seed)
+        if not steps[0].slimming:
+            return run_recipe(self.base, recipe, self.paper.calibration, order, **options).model
+        key = str(steps[0])
+        if key not in self.slimmed:
+            self.slimmed[key] = run_recipe(self.base, Recipe(steps[:1]), self.paper.calibration, **options).model
+        model = copy.deepcopy(self.slimmed[key])
+        if len(steps) > 1:
+            model = run_recipe(model, Recipe(tuple(steps[1:])), self.paper.calibration, order, inplace=True,
+                               **options).model
+        from moekern import surgery
+
+        d = surgery.decisions(model)
+        d["recipe"], d["recipe_order"] = str(recipe), order
+        return model
 
     def _has_shared_experts(self) -> bool:
         from moekern import surgery
