@@ -27,6 +27,8 @@ def cuda_extension_or_reason():
     wanted = os.environ.get("MOEKERN_BUILD_CUDA", "auto")
     if wanted == "0":
         return None, "MOEKERN_BUILD_CUDA=0"
+    if not CUDA_SOURCES:
+        return None, "csrc/ holds no CUDA sources"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

@@ -4,16 +4,21 @@ transformers' grouped_mm experts path, on the expert shapes of real models.
     python benchmarks/bench_moe_gemm.py                 # on a GPU: every case, JSON in benchmarks/results/
     python benchmarks/bench_moe_gemm.py --models olmoe_1b_7b --tokens 1 16 --backends triton triton4 --check --graphs
     python benchmarks/bench_moe_gemm.py --smoke         # CPU: tiny shapes through the interpreter, checks only
+    python benchmarks/bench_moe_gemm.py --measure-peaks --out peaks.json   # GPU: copy bandwidth, bf16 matmul rate
     pytest benchmarks/bench_moe_gemm.py --benchmark-enable   # the same cases under pytest-benchmark
 
-Models: mixtral_8x7b, deepseek_moe_16b, qwen1.5_moe_a2.7b, olmoe_1b_7b (expert shapes only: E, H, I, top_k).
-Backends: triton (bf16), triton4 (moekern's 4-bit layout, RTN, group 128), reference, grouped_mm (transformers).
+Models: mixtral_8x7b, qwen3_30b_a3b, olmoe_1b_7b, deepseek_v3, gpt_oss_120b, deepseek_moe_16b, qwen1.5_moe_a2.7b
+(expert shapes only: E, H, I, top_k; GPT-OSS's clamped SwiGLU and biases are not modelled here).
+Backends: triton (bf16), triton4 (moekern's 4-bit layout, RTN, group 128, or 64 where K is no multiple of 128),
+reference, grouped_mm (transformers).
 
 Per case (model x tokens x experts dropped x slots skipped x backend): median time (triton.testing.do_bench, CUDA
 events), the bytes that must move (the weights of the experts the routing reaches, read once, with 4-bit scales
 and zeros; the activations in and out), achieved bandwidth, and TFLOP/s counted on the computed pairs only
-(2 * pairs * 3 * H * I), and the floor max(bytes / bandwidth, flops / rate) with its fraction reached (METHOD.md;
-pass the measured ceilings with --peak-gbps / --peak-tflops). --graphs also times CUDA-graph replays, which proves
+(2 * pairs * 3 * H * I), and the floor max(bytes / bandwidth, flops / rate) with its fraction reached. The two rates
+are measured on the device itself (--measure-peaks: the copy bandwidth of moekern's bytes floor, a 8192^3 bf16
+matmul) and passed in with --peak-gbps / --peak-tflops; without them the datasheet's H200 figures stand in and the
+JSON says so (peaks_measured). --graphs also times CUDA-graph replays, which proves
 the path captures (a host sync fails the capture; the reference backend has one by design). Dropped experts are
 removed from the routing (the survivors keep their weights stacked, as the module does after Expert Drop); a
 skipped slot gets NO_EXPERT.
@@ -55,9 +60,10 @@ def _commit() -> str | None:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-# The two ceilings of the floor (METHOD.md): datasheet leads for an H200 until measured on the device (a large
+# The two ceilings of the floor: datasheet leads for an H200 until measured on the device (--measure-peaks: a large
 # device-to-device copy, a large bf16 matmul); --peak-gbps / --peak-tflops override them.
-PEAK_GBPS, PEAK_TFLOPS = 4800.0, 989.0
+DATASHEET_GBPS, DATASHEET_TFLOPS = 4800.0, 989.0
+PEAK_GBPS, PEAK_TFLOPS = DATASHEET_GBPS, DATASHEET_TFLOPS
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,14 @@ class Shape:
 
 MODELS = {
     "mixtral_8x7b": Shape("mixtral_8x7b", 8, 4096, 14336, 2),
+    "qwen3_30b_a3b": Shape("qwen3_30b_a3b", 128, 2048, 768, 8),
+    "olmoe_1b_7b": Shape("olmoe_1b_7b", 64, 2048, 1024, 8),
+    "deepseek_v3": Shape("deepseek_v3", 256, 7168, 2048, 8),  # 22.5 GB of bf16 experts: needs a large GPU
+    "gpt_oss_120b": Shape("gpt_oss_120b", 128, 2880, 2880, 4),
     "deepseek_moe_16b": Shape("deepseek_moe_16b", 64, 2048, 1408, 6),
     "qwen1.5_moe_a2.7b": Shape("qwen1.5_moe_a2.7b", 60, 2048, 1408, 4),
-    "olmoe_1b_7b": Shape("olmoe_1b_7b", 64, 2048, 1024, 8),
 }
+DEFAULT_MODELS = [m for m in MODELS if m != "deepseek_v3"]  # DeepSeek-V3 only when named: its experts are large
 SMOKE = {"smoke": Shape("smoke", 8, 64, 32, 2)}
 TOKENS = (1, 4, 16, 64, 256, 2048)
 DROPPED = (0.0, 0.25, 0.5)
@@ -121,10 +131,18 @@ def make_inputs(shape: Shape, case: Case, device, dtype, seed=0):
     return x, ids.to(device), weights.to(device, dtype), w1, w2
 
 
+def group_for(k: int) -> int:
+    """GROUP, or the largest power of two under it that divides K (GPT-OSS's 2880: 64)."""
+    group = GROUP
+    while k % group:
+        group //= 2
+    return group
+
+
 def quantized(w1, w2):
     key = ("q4", w1.data_ptr(), w2.data_ptr())
     if key not in _WEIGHTS:
-        _WEIGHTS[key] = tuple(quantize_rtn(w, GROUP if w.shape[2] % GROUP == 0 else 16) for w in (w1, w2))
+        _WEIGHTS[key] = tuple(quantize_rtn(w, group_for(w.shape[2])) for w in (w1, w2))
     return _WEIGHTS[key]
 
 
@@ -176,7 +194,7 @@ def must_move(shape: Shape, ids, w1, backend: str, act_bytes: int):
     pairs = int((ids >= 0).sum())
     params = 3 * shape.hidden * shape.inter
     if backend == "triton4":
-        weight_bytes = params // 2 + (params // GROUP) * (act_bytes + 1)
+        weight_bytes = params // 2 + (params // group_for(shape.inter)) * (act_bytes + 1)
     else:
         weight_bytes = params * act_bytes
     return reached * weight_bytes + 2 * ids.shape[0] * shape.hidden * act_bytes, 2 * pairs * params
@@ -202,6 +220,20 @@ def graph_time_ms(fn, device) -> tuple[float | None, str | None]:
     except Exception as exc:  # noqa: BLE001 - any capture failure is a result to record
         torch.cuda.synchronize()
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def measure_peaks(device) -> dict:
+    """The device's own ceilings: the copy bandwidth moekern's bytes floor uses (moekern.bench.bandwidth: a 1 GiB
+    device-to-device copy, read + written, best of 5) and the rate of a 8192 x 8192 x 8192 bf16 matmul (cuBLAS)."""
+    import triton.testing
+
+    from moekern.bench.bandwidth import copy_bandwidth
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ a, warmup=10, rep=200, return_mode="median")
+    return dict(copy_gbps=copy_bandwidth(device) / 1e9, bf16_tflops=2 * 8192**3 / ms / 1e9,
+                device=torch.cuda.get_device_name(), torch=torch.__version__, commit=_commit(),
+                when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def run_case(shape: Shape, case: Case, device, dtype, check: bool, graphs: bool = False):
@@ -243,7 +275,7 @@ def main(argv=None):
     global PEAK_GBPS, PEAK_TFLOPS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
-    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--dropped", nargs="+", type=float, default=list(DROPPED))
     p.add_argument("--skipped", nargs="+", type=float, default=list(SKIPPED))
@@ -253,7 +285,17 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/moe_gemm_<device>.json)")
     p.add_argument("--peak-gbps", type=float, default=PEAK_GBPS, help="measured memory bandwidth, GB/s")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="measured bf16 matmul rate, TFLOP/s")
+    p.add_argument("--measure-peaks", action="store_true",
+                   help="measure the copy bandwidth and bf16 matmul rate of this GPU, print them (and --out JSON)")
     args = p.parse_args(argv)
+    if args.measure_peaks:
+        if not torch.cuda.is_available():
+            p.error("--measure-peaks needs a GPU")
+        peaks = measure_peaks(torch.device("cuda"))
+        print(json.dumps(peaks))
+        if args.out:
+            args.out.write_text(json.dumps(peaks, indent=1) + "\n")
+        return peaks
     PEAK_GBPS, PEAK_TFLOPS = args.peak_gbps, args.peak_tflops
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -263,7 +305,8 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "timed": device.type == "cuda", "peak_gbps": PEAK_GBPS, "peak_tflops": PEAK_TFLOPS}
+            "timed": device.type == "cuda", "peak_gbps": PEAK_GBPS, "peak_tflops": PEAK_TFLOPS,
+            "peaks_measured": (args.peak_gbps, args.peak_tflops) != (DATASHEET_GBPS, DATASHEET_TFLOPS)}
     out = args.out
     if out is None and device.type == "cuda":
         out = RESULTS / "moe_gemm_cuda.json"
@@ -296,8 +339,8 @@ def _pytest_cases():
     if not torch.cuda.is_available():
         return list(cases(["smoke"], [1, 16], [0.0, 0.5], [0.0, 0.5], BACKENDS))
     if os.environ.get("MOEKERN_BENCH_FULL") == "1":
-        return list(cases(list(MODELS), TOKENS, DROPPED, SKIPPED, BACKENDS))
-    return list(cases(list(MODELS), [1, 256], [0.0, 0.5], [0.0], BACKENDS))
+        return list(cases(DEFAULT_MODELS, TOKENS, DROPPED, SKIPPED, BACKENDS))
+    return list(cases(DEFAULT_MODELS, [1, 256], [0.0, 0.5], [0.0], BACKENDS))
 
 
 try:

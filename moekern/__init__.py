@@ -27,6 +27,7 @@ _LAZY = {
     "remove_blocks": "moekern.surgery",
     "set_skip_beta": "moekern.surgery",
     "compress": "moekern.compress",  # the package is callable: moekern.compress(model, recipe, ...)
+    "finetune": "moekern.finetune",  # callable too: moekern.finetune(model, data, out, config, ...)
 }
 
 

@@ -3,15 +3,12 @@
 `load_pretrained` is the one door through which the CLI and the library open a Hugging Face checkpoint.
 """
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from moekern import folders
 from moekern.errors import MoekernError
 
 SHIPPED = "shipped"  # the name that selects the small model inside the package
@@ -24,7 +21,7 @@ def resolve_model_dir(source: str | Path) -> Path:
 
         source = MODEL_DIR
     path = Path(source).expanduser()
-    if not path.exists():
+    if not path.exists() and not folders.recover(path):  # recover: a save killed mid-swap left it aside
         raise MoekernError(
             f"model path {str(path)!r} does not exist. Give a local folder with config.json and *.safetensors "
             f"(moekern downloads nothing), or '{SHIPPED}' for the small model that ships with moekern."
@@ -45,6 +42,7 @@ def resolve_model_dir(source: str | Path) -> Path:
             else ""
         )
         raise MoekernError(f"{str(path)!r} holds no *.safetensors weights.{hint}")
+    folders.check_shards(path)  # empty, truncated or corrupt shards fail here, whoever reads them next
     return path
 
 
@@ -60,9 +58,13 @@ def load_pretrained(
 
     from moekern.quant.hub import is_quantized_folder, load_quantized_folder
 
+    from safetensors import SafetensorError
+
     path = resolve_model_dir(source)
     if is_quantized_folder(path):
-        return load_quantized_folder(path, dtype=None if dtype == "auto" else dtype, device=device)
+        model, tokenizer = load_quantized_folder(path, dtype=None if dtype == "auto" else dtype, device=device)
+        folders.check_finite(model.state_dict().items(), f"weights of {str(path)!r}")
+        return model, tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -74,8 +76,9 @@ def load_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise _load_error(path, exc) from exc
-    except (OSError, RuntimeError) as exc:  # safetensors raises these for truncated or corrupt shards
+    except (OSError, RuntimeError, SafetensorError) as exc:  # what safetensors raises for a corrupt shard
         raise MoekernError(f"could not load {str(path)!r}: {exc}. Is a weight shard missing or corrupt?") from exc
+    folders.check_finite(model.state_dict().items(), f"weights of {str(path)!r}")
     from moekern.models import FAMILIES, adopt
 
     if getattr(model.config, "model_type", None) in FAMILIES:
@@ -103,30 +106,15 @@ def is_remote_code(obj) -> bool:
 WEIGHTS = "model.safetensors"
 
 
-@contextlib.contextmanager
-def atomic_folder(path: str | Path):
-    """Yield a temporary folder beside `path`; when the block ends without error it becomes `path` (an existing one is
-    replaced only then), otherwise it is removed. An interrupted save leaves nothing half-written."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def save(model, path: str | Path, tokenizer=None) -> Path:
+def save(model, path: str | Path, tokenizer=None, *, overwrite: bool = False, add_files=None) -> Path:
     """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key, the weights as
-    safetensors with the in-memory names, and the tokenizer if given, all through atomic_folder."""
+    safetensors with the in-memory names (or the family's own checkpoint layout, DeepSeek-MoE's), and the tokenizer if
+    given.
+
+    The output rule of moekern.folders holds: an existing `path` is replaced only if it is a moekern model and
+    overwrite=True, never the model's own source folder; everything is written into a temporary folder beside
+    `path` that takes its place at the end. add_files(folder) writes more files (a report) into that folder, so
+    that they appear together with the checkpoint."""
     from safetensors.torch import save_file, save_model
 
     from moekern.models import Family, family_of
@@ -134,7 +122,8 @@ def save(model, path: str | Path, tokenizer=None) -> Path:
 
     decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
     family = family_of(model)
-    with atomic_folder(path) as tmp:
+    source = getattr(model.config, "_name_or_path", None)
+    with folders.replaced_folder(path, folders.MODEL, overwrite=overwrite, sources=[source]) as tmp:
         config_for_disk(model).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -148,6 +137,8 @@ def save(model, path: str | Path, tokenizer=None) -> Path:
             save_file(family.to_disk(_unique_tensors(model)), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if add_files is not None:
+            add_files(tmp)
     return Path(path).expanduser()
 
 
@@ -201,10 +192,13 @@ def load(
     from moekern import surgery
 
     from moekern.models import family_of
+    from moekern.schema import validate_decisions
 
     path = resolve_model_dir(path)
-    if surgery.KEY not in json.loads((path / "config.json").read_text()):
+    raw = json.loads((path / "config.json").read_text())
+    if not isinstance(raw, dict) or surgery.KEY not in raw:
         return load_pretrained(path, dtype or "auto", device, trust_remote_code)
+    validate_decisions(raw[surgery.KEY], raw, where=str(path / "config.json"))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -276,6 +270,10 @@ def replay(model, d: dict, state: dict) -> None:
         from moekern.quant.rebuild import rebuild_quantized
 
         rebuild_quantized(model, state)
+    if d.get("lora_experts"):  # LoRA adapters kept beside 4-bit experts by moekern finetune
+        from moekern.finetune.lora import rebuild_expert_adapters
+
+        rebuild_expert_adapters(model, d["lora_experts"], state)
 
 
 def _stored_experts(state: dict, current_layer: int) -> int:
@@ -299,9 +297,11 @@ def read_weights(path: Path) -> dict:
         if not (path / shard).exists():
             raise MoekernError(f"weight shard {shard!r} listed in {index.name} is missing from {str(path)!r}")
         try:
-            state.update(load_file(path / shard))
+            tensors = load_file(path / shard)
         except Exception as exc:  # safetensors raises SafetensorError, an Exception subclass without a stable path
             raise MoekernError(f"weight shard {str(path / shard)!r} is corrupt or truncated ({exc})") from exc
+        folders.check_finite(tensors.items(), f"weight shard {str(path / shard)!r}")  # while it is in the cache
+        state.update(tensors)
     return state
 
 

@@ -8,12 +8,16 @@
     moekern paper [MODEL] --out DIR
                               the paper's comparison: every recipe compressed once, then perplexity, lm-eval tasks,
                               speed, FLOPs and memory, in one report with tables and figures (moekern/bench/paper.py)
+    moekern finetune MODEL --out DIR
+                              fine-tune a compressed model to recover quality (moekern/finetune/)
 
 bench, eval, report and paper hang off the same parser (moekern/bench/cli.py). Mistakes a user can fix end with a one-line
-message and exit status 2, never a traceback.
+message and exit status 2, never a traceback. The folder a command writes (`writes`: a model or a run folder) is
+claimed before any work, under moekern.folders' output rule; SIGTERM ends a command like SIGINT (exit 143 and 130).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -68,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("model", help="local model folder, or 'shipped'")
     compress.add_argument("--recipe", required=True, help="the compression steps, e.g. awq4+block-drop=4")
     compress.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the checkpoint")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="replace DIR if it holds a moekern model (never anything else)")
     compress.add_argument("--calib", default=None, metavar="PATH",
                           help="calibration corpus (default: the shipped training corpus); the paper's as they are "
                           "published: c4:PATH (a C4 .json.gz shard), pile:PATH (.jsonl.zst), alpaca:PATH (.json)")
@@ -77,23 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--samples", type=positive_int, default=128, help="calibration blocks (default: 128)")
     compress.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per block (default: 2048)")
     compress.add_argument("--seed", type=int, default=0, help="seed of the choice of blocks (default: 0)")
-    compress.add_argument("--order", choices=("ST", "TS"), default="ST",
+    compress.add_argument("--order", type=str.upper, choices=("ST", "TS"), default="ST",
                           help="ST: slimming (quantization/pruning) then trimming (default, as in the paper); "
                           "TS: trimming first")
     compress.add_argument("--allow-fewer-experts", action="store_true",
                           help="let Expert Drop / enumeration pruning leave fewer experts than top_k in a layer")
     compress.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch (default: 8)")
     add_loading_args(compress)
-    compress.set_defaults(run=run_compress)
+    compress.set_defaults(run=run_compress, writes="model")
     from moekern.bench.cli import add_harness_commands  # bench, eval, report
 
     add_harness_commands(sub)
+    from moekern.finetune.cli import add_finetune_command
+
+    add_finetune_command(sub)
     return parser
 
 
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda where available)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model folder's own Python code to run (off by default: read it first)")
 
@@ -108,6 +118,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    from moekern.arguments import parse_device
+
+    try:
+        return parse_device(text)
+    except MoekernError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def load_from_args(args):
     import torch
 
@@ -116,9 +135,9 @@ def load_from_args(args):
     from moekern.checkpoint import load
 
     hf_logging.disable_progress_bar()  # a bar for loading a few shards says nothing to a reader of this report
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MoekernError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    from moekern.arguments import device as usable_device
+
+    device = usable_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype), device=device,
                             trust_remote_code=args.trust_remote_code)
     if tokenizer is None:
@@ -133,8 +152,11 @@ def run_info(args) -> int:
     from moekern.model_info import describe, human_bytes, human_count, peak_memory_bytes
     from moekern.shipped import heldout_text
 
+    from moekern.arguments import check_positions
+
     started = time.perf_counter()
     model, tokenizer = load_from_args(args)
+    check_positions(model.config, args.seq_len, "--seq-len")
     device = next(model.parameters()).device
     facts = describe(model)
     facts["model"] = str(args.model)
@@ -147,6 +169,10 @@ def run_info(args) -> int:
         raise MoekernError(f"{exc}: lower --seq-len or raise --ppl-tokens") from exc
     facts["heldout_tokens"] = int(windows.numel())
     facts["perplexity"] = math.exp(mean_nll(model, windows))
+    if not math.isfinite(facts["perplexity"]):
+        raise MoekernError(f"the perplexity of {args.model!r} is {facts['perplexity']}: the model gives non-finite "
+                           f"logits on the held-out text" + (" (in float16: try --dtype bfloat16 or float32)"
+                                                             if args.dtype == "float16" else ""))
 
     prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
     with torch.no_grad():
@@ -172,12 +198,14 @@ def run_info(args) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(facts, indent=2) + "\n")
+        from moekern.folders import write_file
+
+        write_file(args.json, json.dumps(facts, indent=2) + "\n")
     return 0
 
 
 def run_compress(args) -> int:
+    from moekern.arguments import check_positions
     from moekern.checkpoint import save
     from moekern.compress.calibration import calibration_blocks
     from moekern.compress.recipe import Recipe, check_recipe, run_recipe
@@ -190,6 +218,7 @@ def run_compress(args) -> int:
     check_recipe(recipe, model, args.allow_fewer_experts)
     calibration = None
     if recipe.needs_calibration():
+        check_positions(model.config, args.seq_len, "--seq-len")
         calibration = calibration_blocks(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
     base_stats = None
     first = recipe.ordered(args.order)[0]
@@ -205,8 +234,9 @@ def run_compress(args) -> int:
                         inplace=True, seed=args.seed, batch_size=args.batch_size, device=args.device,
                         base_stats=base_stats, quant_calibration=args.quant_calib, tokenizer=tokenizer,
                         samples=args.samples, seq_len=args.seq_len)
-    save(result.model, args.out, tokenizer=tokenizer)
-    written = write_report(result, args.out)
+    written = []  # the report goes into the checkpoint's temporary folder: both appear together, or neither
+    save(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+         add_files=lambda folder: written.extend(write_report(result, folder)))
     b, a = result.before, result.after
     print(f"recipe      {result.recipe} (order {result.order})")
     for step in result.steps:
@@ -226,14 +256,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from moekern import folders
+
     try:
-        return args.run(args)
+        with folders.interruptible(), claim_output(args):
+            return args.run(args)
     except MoekernError as exc:
         print(f"moekern {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"moekern {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, folders.Terminated)
+        print(f"moekern {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (exc.signum if terminated else 2)
+
+
+def claim_output(args):
+    """The folder the command writes (its `writes` kind), claimed before any work: the output rule and the lock of
+    moekern.folders. `report` writes into its first run folder unless --out says otherwise."""
+    from moekern import folders
+
+    kind = getattr(args, "writes", None)
+    run_dirs = getattr(args, "run_dirs", None) or []
+    if kind is None or not all(p.exists() for p in run_dirs):
+        return contextlib.nullcontext()  # (a missing run folder is run_report's error to give)
+    target = args.out if args.out is not None else run_dirs[0]
+    model = getattr(args, "model", None)
+    return folders.claim(target, kind, overwrite=getattr(args, "overwrite", False),
+                         sources=[model] if model else [], command=" ".join(["moekern", *args.argv]))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from moekern import arguments
 from moekern.errors import MoekernError
 from moekern.models import family_of
 from moekern.modules.moe import MoEBlock, RemovedMoE
 
 KEY = "moekern"
+_COUNT_HINT = " (to remove layer 3 pass [3]; to let moekern choose N layers, use the recipe step {step}=N)"
 
 
 def decisions(model) -> dict:
@@ -90,9 +92,11 @@ def drop_experts(model, kept: Mapping[int, Sequence[int]], mask_only: bool = Fal
     experts' weights and router rows are removed, so memory shrinks; mask_only=True keeps them and masks the router.
     Both give the same output. A layer may keep fewer experts than top_k: its emptied slots are not computed.
     """
+    arguments.mapping(kept, "drop_experts: kept", "{layer: [expert ids to keep]}")
     d = decisions(model)
     for original, ids in kept.items():
-        ids = sorted(int(i) for i in ids)
+        original = arguments.index(original, "drop_experts: layer ids")
+        ids = sorted(arguments.indices(ids, f"drop_experts: layer {original}: the expert ids"))
         block = moe_block(model, original)
         stored = block.kept_experts.tolist()
         if not ids:
@@ -128,6 +132,7 @@ def _slice_experts(block: MoEBlock, rows: list[int]) -> None:
 
 def remove_moe_layers(model, layers: Iterable[int]) -> None:
     """Layer Drop: remove the post-attention norm and MoE of these layers (original indices); attention stays."""
+    layers = arguments.indices(layers, "remove_moe_layers: layers", _COUNT_HINT.format(step="layer-drop"))
     d = decisions(model)
     family = family_of(model)
     for original in sorted(set(layers)):
@@ -144,8 +149,9 @@ def remove_moe_layers(model, layers: Iterable[int]) -> None:
 def remove_blocks(model, layers: Iterable[int]) -> None:
     """Block Drop: remove these decoder layers (original indices) and renumber what is left, so the KV cache and
     generate keep working: layer_idx, num_hidden_layers, layer_types and the fields that mark dense layers."""
+    layers = arguments.indices(layers, "remove_blocks: layers", _COUNT_HINT.format(step="block-drop"))
     d = decisions(model)
-    drop = sorted(set(int(i) for i in layers))
+    drop = sorted(set(layers))
     current = original_layer_ids(model)
     for original in drop:
         _layer(model, original)  # validates
@@ -177,9 +183,11 @@ def remove_blocks(model, layers: Iterable[int]) -> None:
 def set_skip_beta(model, betas: Mapping[int, float | None]) -> None:
     """Per-token skipping: in each layer, a slot whose routing weight is below beta times the token's top weight is
     not computed. beta=None turns it off for the layer."""
+    arguments.mapping(betas, "set_skip_beta: betas", "{layer: beta in [0, 1] or None}")
     d = decisions(model)
     for original, beta in betas.items():
-        if beta is not None and not 0.0 <= float(beta) <= 1.0:
-            raise MoekernError(f"layer {original}: skip beta must be in [0, 1], got {beta}")
-        moe_block(model, original).skip_beta = None if beta is None else float(beta)
-        d["skip_beta"][original] = None if beta is None else float(beta)
+        original = arguments.index(original, "set_skip_beta: layer ids")
+        if beta is not None:
+            beta = arguments.fraction(beta, f"set_skip_beta: layer {original}: skip beta")
+        moe_block(model, original).skip_beta = beta
+        d["skip_beta"][original] = beta

@@ -50,3 +50,34 @@ def poisoned_kernel_outputs(monkeypatch):
 
     monkeypatch.setattr(moe_gemm, "_alloc", _poison)
     monkeypatch.setattr(routing, "_alloc", _poison)
+
+
+@pytest.fixture
+def interpreter_bf16_dot(monkeypatch):
+    """Triton's interpreter keeps bf16 as raw uint16 bits (numpy has no bf16) and its tl.dot multiplies those bits;
+    the kernels then take an fp32 dot for bf16. This mends the interpreter's dot to read bf16 operands as their
+    values (exact products, fp32 sums, as the tensor cores compute them), so that the kernels' own bf16 tl.dot path
+    runs in the tests."""
+    if os.environ.get("MOEKERN_TEST_GPU") == "1":
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from moekern.ops import moe_gemm
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def as_fp32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(moe_gemm, "INTERPRETER_BF16_DOT", True)
+    yield

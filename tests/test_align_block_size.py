@@ -1,4 +1,4 @@
-"""The reference of the routing sort step (csrc/moe_align.cu's oracle), checked against its contract."""
+"""The reference of the routing sort step (routing.align_kernel's oracle), checked against its contract."""
 
 import pytest
 import torch

@@ -72,9 +72,9 @@ def test_grouped_router_keeps_its_groups(tmp_path):
 def test_tokenizer_and_overwrite(tmp_path, shipped):
     model, tokenizer = shipped
     target = tmp_path / "out"
-    target.mkdir()
+    moekern.save(tiny_model("mixtral"), target)  # an earlier moekern save, replaced only with overwrite=True
     (target / "stale.txt").write_text("from an earlier save")
-    moekern.save(model, target, tokenizer=tokenizer)
+    moekern.save(model, target, tokenizer=tokenizer, overwrite=True)
     assert not (target / "stale.txt").exists()
     loaded, loaded_tokenizer = moekern.load(target)
     ids = tokenizer("The with statement", return_tensors="pt").input_ids

@@ -162,3 +162,112 @@ def test_routing_to_gemm_end_to_end():
     w, ids = routing.route(logits, spec, alive, bias, 0.4)
     expected = R.moe_experts(x, ids_ref, w_ref, w1, w2)
     assert rel(moe_gemm.moe_experts(x, ids, w, w1, w2), expected) <= FP32_BOUND
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tensor-core paths: groups of 64 and more (K steps of whole groups, the scale after the MMA at decode, inside the
+# dequantization at prefill), the real fp16 / bf16 tl.dot, both register layouts, gate_up split-K
+# ----------------------------------------------------------------------------------------------------------------------
+FP16_BOUND = 4e-3  # fp16 operands into an fp32-accumulating dot: x and the intermediate rounded to fp16
+
+
+def quant4_typed(experts, n, k, group, dtype):
+    q4, dq = quant4(experts, n, k, group)
+    q4 = moe_gemm.Quant4(q4.qweight, q4.scales.to(dtype), q4.zeros)
+    return q4, layout.dequantize(q4.qweight, q4.scales.float(), q4.zeros)
+
+
+@pytest.mark.parametrize("group,bm", [(64, 16), (128, 16), (64, 32), (128, 64)])
+def test_4bit_whole_group_steps(group, bm):
+    """K steps of one or two whole groups: at decode (block 16) each group's MMA result times its scales, above it
+    the scales inside the dequantization; K = 384 so that one and two groups a step both occur."""
+    tokens, experts, hidden, inter, k = 17, 3, 384, 128, 2
+    x = torch.randn(tokens, hidden)
+    (q1, d1), (q2, d2) = quant4(experts, 2 * inter, hidden, group), quant4(experts, hidden, inter, group)
+    ids, weights = random_routing(tokens, experts, k, skip=0.2)
+    expected = R.moe_experts(x, ids, weights, d1, d2)
+    assert rel(moe_gemm.moe_experts(x, ids, weights, q1, q2, block_m=bm), expected) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("group,bm", [(128, 16), (128, 64), (32, 16)])
+def test_4bit_fp16_tensor_core_dot(group, bm):
+    """fp16 activations and scales: the kernels' own tl.dot on fp16 operands (the interpreter computes it exactly),
+    fed by the dequantized tile in the MMA's operand layout."""
+    tokens, experts, hidden, inter, k = 21, 4, 256, 128, 2
+    x = torch.randn(tokens, hidden).half()
+    (q1, d1), (q2, d2) = quant4_typed(experts, 2 * inter, hidden, group, torch.float16), \
+        quant4_typed(experts, hidden, inter, group, torch.float16)
+    ids, weights = random_routing(tokens, experts, k, skip=0.2)
+    expected = R.moe_experts(x.float(), ids, weights, d1, d2)
+    got = moe_gemm.moe_experts(x, ids, weights, q1, q2, block_m=bm)
+    assert got.dtype == torch.float16 and rel(got, expected) <= FP16_BOUND
+
+
+@pytest.mark.usefixtures("interpreter_bf16_dot")
+@pytest.mark.parametrize("quant,bm", [(False, 16), (False, 64), (True, 16), (True, 64)])
+def test_bf16_tensor_core_dot(quant, bm):
+    """bf16 activations and weights through the kernels' bf16 tl.dot itself (the interpreter's dot mended to read
+    bf16 values: exact products, fp32 sums, as the MMA does)."""
+    tokens, experts, hidden, inter, k = 19, 4, 256, 128, 2
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    if quant:
+        (w1, d1), (w2, d2) = quant4_typed(experts, 2 * inter, hidden, 128, torch.bfloat16), \
+            quant4_typed(experts, hidden, inter, 128, torch.bfloat16)
+    else:
+        w1, w2, _, _ = dense(experts, hidden, inter, dtype=torch.bfloat16)
+        d1, d2 = w1.float(), w2.float()
+    ids, weights = random_routing(tokens, experts, k)
+    assert not moe_gemm._dot_fp32(x, w1), "the bf16 tl.dot path must be the one under test"
+    expected = R.moe_experts(x.float(), ids, weights, d1, d2)
+    got = moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=bm)
+    assert got.dtype == torch.bfloat16 and rel(got, expected) <= BF16_BOUND
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_4bit_both_register_layouts(arch):
+    """The tensor-core words follow the target's A-operand layout (kwidth 2 for sm_90's wgmma, 8 for sm_80's
+    mma.sync): either gives the reference's result."""
+    tokens, experts, hidden, inter, k = 9, 4, 256, 64, 2
+    x = torch.randn(tokens, hidden)
+    (q1, d1), (q2, d2) = quant4(experts, 2 * inter, hidden, 64), quant4(experts, hidden, inter, 64)
+    ids, weights = random_routing(tokens, experts, k, skip=0.2)
+    with tuning.planning_for(arch):
+        assert moe_gemm.mma_kwidth(x.device) == (2 if arch == 90 else 8)
+        got = moe_gemm.moe_experts(x, ids, weights, q1, q2)
+    assert rel(got, R.moe_experts(x, ids, weights, d1, d2)) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_gate_up_split_k_last_arriver(monkeypatch, quant):
+    """gate_up split in 4 along K: each split's partial goes to the workspace and the tile's last program sums them in
+    split order before the activation. Deterministic, right, and every counter back at zero for the next call."""
+    orig = tuning.fallback
+    monkeypatch.setattr(tuning, "fallback", lambda op, *a: replace(orig(op, *a), SPLIT_K=4 if op == "gate_up" else 2))
+    monkeypatch.setattr(moe_gemm, "_COUNTERS", {})
+    tokens, experts, hidden, inter, k = 3, 3, 512, 64, 2
+    x = torch.randn(tokens, hidden)
+    if quant:
+        (w1, d1), (w2, d2) = quant4(experts, 2 * inter, hidden, 64), quant4(experts, hidden, inter, 64)
+    else:
+        w1, w2, _, _ = dense(experts, hidden, inter)
+        d1, d2 = w1, w2
+    ids, weights = random_routing(tokens, experts, k)
+    first = moe_gemm.moe_experts(x, ids, weights, w1, w2)
+    assert rel(first, R.moe_experts(x, ids, weights, d1, d2)) <= FP32_BOUND
+    assert torch.equal(first, moe_gemm.moe_experts(x, ids, weights, w1, w2)), "not deterministic"
+    (counters,) = moe_gemm._COUNTERS.values()
+    assert (counters == 0).all(), "a tile's counter was left raised"
+
+
+def test_ids_that_name_no_expert_are_never_read():
+    """An id outside 0..E-1 (NO_EXPERT, or a stale id past the experts) is skipped by align and read as zero by the
+    slot sum alike: the poisoned partial rows of those slots never reach the output."""
+    tokens, experts, hidden, inter, k = 12, 5, 32, 16, 3
+    x = torch.randn(tokens, hidden)
+    w1, w2, _, _ = dense(experts, hidden, inter)
+    ids, weights = random_routing(tokens, experts, k)
+    ids[::3, 1] = experts  # one past the last expert
+    ids[1::4, 2] = experts + 7
+    expected = R.moe_experts(x, ids.masked_fill(ids >= experts, R.NO_EXPERT), weights, w1, w2)
+    for bm in (1, 16):
+        assert rel(moe_gemm.moe_experts(x, ids, weights, w1, w2, block_m=bm), expected) <= FP32_BOUND

@@ -107,3 +107,54 @@ def test_route_then_align_launches_nothing_for_dropped_or_skipped():
     real = sorted_pairs[sorted_pairs < flat.numel()].long()
     assert (flat[real] >= 0).all() and real.numel() == int((flat >= 0).sum())
     assert int(num_padded) == block_m * used.numel()
+
+
+def test_align_ignores_ids_past_the_experts():
+    """An id >= num_experts names no expert: align leaves it out like a negative id (the slot sum reads it as 0)."""
+    experts = torch.randint(-1, 12, (200,), dtype=torch.int32)  # 8 experts: 8..11 name none
+    clean = experts.masked_fill(experts >= 8, -1)
+    for g, e in zip(routing.align_block_size(experts, 8, 4), R.align_block_size(clean, 8, 4), strict=True):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("num_pairs,num_experts,block_m", [(1, 256, 16), (8, 256, 16), (128, 128, 16), (500, 7, 32),
+                                                            (64, 8, 128)])
+def test_max_blocks_bounds_every_routing(num_pairs, num_experts, block_m):
+    """The GEMM grids launch max_blocks blocks, not max_padded_rows / block_m: no routing uses more (here the worst:
+    every expert's run ending one pair into a block), and align marks every block past it -1."""
+    bound = routing.max_blocks(num_pairs, num_experts, block_m)
+    reached = min(num_experts, num_pairs)
+    per = torch.full((reached,), num_pairs // reached)
+    per[: num_pairs % reached] += 1
+    worst = int(((per + block_m - 1) // block_m).sum())
+    assert worst <= bound <= routing.max_padded_rows(num_pairs, num_experts, block_m) // block_m
+    experts = torch.repeat_interleave(torch.arange(reached, dtype=torch.int32), per)
+    _, block_expert, _ = routing.align_block_size(experts, num_experts, block_m)
+    assert (block_expert[bound:] == -1).all() and int((block_expert >= 0).sum()) == worst
+
+
+def test_deepseek_v3_router_at_its_real_size():
+    """256 experts in 8 groups, top 4 groups, top 8, sigmoid with correction bias, some experts dropped: the shape
+    that needed 255 registers a program at 16 tokens, now 8 tokens over 8 warps."""
+    spec = R.RouterSpec("sigmoid", 8, renormalize=True, scaling=2.5, n_group=8, topk_group=4, group_score="top2_sum")
+    logits, bias = torch.randn(13, 256), torch.randn(256) * 0.1
+    alive = torch.rand(256) > 0.1
+    check_route(logits, spec, alive, bias, 0.2)
+
+
+def test_route_maps_ids_to_storage_rows_in_the_same_launch():
+    """After Expert Drop sliced the weights, expert_row maps original ids to stored rows inside the route kernel;
+    equal to the reference's ids mapped on the host (what MoEBlock does with four more launches)."""
+    spec = SPECS["deepseek_v3"]
+    experts = 16
+    alive = torch.ones(experts, dtype=torch.bool)
+    alive[[2, 5, 11]] = False
+    kept = torch.nonzero(alive).flatten()
+    expert_row = torch.full((experts,), R.NO_EXPERT, dtype=torch.long)
+    expert_row[kept] = torch.arange(kept.numel())
+    logits, bias = torch.randn(21, experts), torch.randn(experts) * 0.3
+    w_ref, ids_ref = R.route(logits, spec, alive, bias, 0.4)
+    rows_ref = expert_row[ids_ref.clamp(min=0)].masked_fill(ids_ref == R.NO_EXPERT, R.NO_EXPERT)
+    w, rows = routing.route(logits, spec, alive, bias, 0.4, expert_row=expert_row)
+    assert rows.dtype == torch.int32 and torch.equal(rows.long(), rows_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)

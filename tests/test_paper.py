@@ -38,7 +38,7 @@ def paper_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper")
     assert main(["paper", "shipped", "--recipes", RECIPES, "--samples", "4", "--seq-len", "32", "--context", "16",
                  "--batch-sizes", "1", "--decode-tokens", "2", "--limit", "4", "--matrix-tokens", "64",
-                 "--device", "cpu", "--out", str(out)]) == 0
+                 "--device", "cpu", "--finetune-steps", "2", "--finetune-batch", "2", "--out", str(out)]) == 0
     return out
 
 
@@ -213,3 +213,25 @@ def test_an_interrupted_paper_run_keeps_what_it_measured(tmp_path, monkeypatch):
     assert [r["row"] for r in lines if r["kind"] == "row"] == [0, 1]
     rows = table((tmp_path / "report.md").read_text(), "Method")  # written on the way out
     assert list(rows) == ["Baseline (transformers)", "+ B1/8"]
+
+
+def test_paper_finetune_section(paper_run):
+    """Section 8: the rows of FINETUNE_RECIPES among --recipes are fine-tuned after they are measured, and
+    finetune.md gives held-out perplexity before compression, after it and after fine-tuning."""
+    from moekern.bench.paper_finetune import FINETUNE_LR
+
+    out = paper_run
+    lines = records(out / "paper.jsonl")
+    (tuned,) = [r for r in lines if r["kind"] == "finetune"]  # layer-drop=2 is the one fine-tuned row here
+    assert tuned["recipe"] == "layer-drop=2" and tuned["status"] == "ok", tuned
+    assert tuned["budget"] == {"steps": 2, "global_batch": 2, "lr": FINETUNE_LR} and tuned["eval_tokens"] == 4 * 256
+    evals = {(r["row"], r["task"]): r["value"] for r in lines if r["kind"] == "eval"}
+    report = json.loads((out / "finetune.json").read_text())
+    (row,) = report["rows"]
+    assert row["baseline"] == evals[(0, "moekern_heldout_ppl")] and row["compressed"] == tuned["perplexity"]["before"]
+    assert abs(row["compressed"] - evals[(tuned["row"], "moekern_heldout_ppl")]) <= 1e-3 * row["compressed"]
+    closed = 100 * (row["compressed"] - row["finetuned"]) / (row["compressed"] - row["baseline"])
+    assert abs(row["gap_closed_pct"] - closed) < 1e-9
+    rows = table((out / "finetune.md").read_text(), "Method")
+    assert rows[tuned["label"]][0] == "`layer-drop=2`" and rows[tuned["label"]][3] == f"{row['finetuned']:.2f}"
+

@@ -2,6 +2,7 @@
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def add_harness_commands(sub) -> None:
                        help="calibration blocks of 256 tokens for --recipe (default: 32)")
     bench.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR", help="run folder (default: %(default)s)")
     add_loading_args(bench)
-    bench.set_defaults(run=run_bench, dtype=None)  # None: bfloat16 on a GPU, float32 on the CPU
+    bench.set_defaults(run=run_bench, dtype=None, writes="runs")  # dtype None: bfloat16 on a GPU, float32 on the CPU
     next(a for a in bench._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
         "float32 on the CPU)"
 
@@ -63,7 +64,7 @@ def add_harness_commands(sub) -> None:
     evaluate.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                           help="run folder (default: %(default)s)")
     add_loading_args(evaluate)
-    evaluate.set_defaults(run=run_eval)
+    evaluate.set_defaults(run=run_eval, writes="runs")
 
     report = sub.add_parser(
         "report",
@@ -73,7 +74,7 @@ def add_harness_commands(sub) -> None:
     )
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     report.add_argument("--out", type=Path, default=None, metavar="DIR", help="default: the first RUN_DIR")
-    report.set_defaults(run=run_report)
+    report.set_defaults(run=run_report, writes="runs")
 
     from moekern.bench.paper import add_paper_command
 
@@ -93,10 +94,9 @@ def batch_list(text: str) -> list[int]:
 def _device(args) -> str:
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MoekernError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-    return device
+    from moekern.arguments import device
+
+    return device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(args):
@@ -150,8 +150,11 @@ def run_bench(args) -> int:
     from moekern.model_info import describe
     from moekern.model_info import human_bytes
 
+    from moekern.arguments import check_positions
+
     variants.parse_recipe(args.recipe)
     model, tokenizer, origin = load_model(args)
+    check_positions(model.config, args.context + args.decode_tokens, "--context + --decode-tokens")
     variants.check_calibration(args.recipe, tokenizer)  # before the baseline is measured, not after
     writer = RecordWriter(args.out, "bench.jsonl")
     bandwidth = copy_bandwidth(args.device)
@@ -235,7 +238,10 @@ def run_report(args) -> int:
     missing = [str(p) for p in args.run_dirs if not p.exists()]
     if missing:
         raise MoekernError(f"no such run folder: {', '.join(missing)}")
-    records = read_records(args.run_dirs)
+    notes = []
+    records = read_records(args.run_dirs, notes)
+    for note in notes:
+        print(f"moekern report: note: {note}", file=sys.stderr)
     if not records:
         raise MoekernError(f"no records (*.jsonl) in {', '.join(map(str, args.run_dirs))}; run moekern bench or eval")
     if any(r["kind"] == "run" and r.get("command") == "paper" for r in records):

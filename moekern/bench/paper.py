@@ -88,7 +88,7 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--samples", type=positive_int, default=None, help="calibration blocks (default: see above)")
     paper.add_argument("--seq-len", type=positive_int, default=None, help="tokens per calibration block")
     paper.add_argument("--seed", type=int, default=0, help="seed of the choice of calibration blocks (default: 0)")
-    paper.add_argument("--order", choices=("ST", "TS"), default="ST",
+    paper.add_argument("--order", type=str.upper, choices=("ST", "TS"), default="ST",
                        help="ST: slimming then trimming (default, as in the paper); TS: trimming first")
     paper.add_argument("--allow-fewer-experts", action="store_true",
                        help="let Expert Drop leave fewer experts than top_k in a layer")
@@ -100,9 +100,11 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
     add_loading_args(paper)
     from moekern.bench.paper_extras import add_arguments
+    from moekern.bench.paper_finetune import add_finetune_args
 
     add_arguments(paper)  # --figures, --tables, --calib2: the paper's artefacts that need many more models
-    paper.set_defaults(run=run_paper, dtype=None)
+    add_finetune_args(paper)
+    paper.set_defaults(run=run_paper, dtype=None, writes="runs")
     next(a for a in paper._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
         "float32 on the CPU)"
 
@@ -150,6 +152,10 @@ class Paper:
         args.decode_tokens = args.decode_tokens or speed["decode_tokens"]
         args.samples = args.samples or calib["samples"]
         args.seq_len = args.seq_len or calib["seq_len"]
+        from moekern.arguments import check_positions
+
+        check_positions(model.config, args.context + args.decode_tokens, "--context + --decode-tokens")
+        check_positions(model.config, args.seq_len, "--seq-len")
         self.model_name, self.tokenizer = str(args.model), tokenizer
 
         self.writer = RecordWriter(args.out, RECORDS)
@@ -188,6 +194,10 @@ class Paper:
             from moekern.bench.paper_report import write_report
 
             written = write_report(self.writer.path, args.out, run=self.writer.run)
+            from moekern.bench.paper_finetune import write_finetune_report
+
+            for path in write_finetune_report(self.writer.path, args.out)[:1]:
+                print(f"finetuning  {path}")
             print(f"report      {', '.join(str(p) for p in written[:2])} and {len(written) - 2} plots "
                   f"({time.perf_counter() - self.started:.0f} s in all)")
         return 0
@@ -215,6 +225,9 @@ class Paper:
             print(f"calibration pass on the uncompressed model failed: {type(exc).__name__}: {exc}", flush=True)
         self.slimmed: dict[str, Root] = {}
         prefixes = [slimming_prefix(text, self.args.order) for text in self.args.recipes]
+        from moekern.bench.paper_finetune import FinetuneSection
+
+        finetuning = FinetuneSection(self)  # Section 8: some rows fine-tuned after they are measured
         for index, text in enumerate(self.args.recipes, start=1):
             for name in [n for n in self.slimmed if n not in prefixes[index - 1:]]:
                 del self.slimmed[name]  # no row left starts with it
@@ -225,6 +238,7 @@ class Paper:
                 self._failed(index, text, exc, started, "compress")
                 continue
             self._measure_row(index, info["label"], text, row_model, info, started)
+            finetuning.after_row(index, text, row_model, info)
             del row_model
             gc.collect()
         self._baseline_again()

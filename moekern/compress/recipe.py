@@ -169,6 +169,7 @@ class Recipe:
         return [s for s in self.steps if not s.slimming]
 
     def ordered(self, order: str = "ST") -> list[Step]:
+        order = order.upper() if isinstance(order, str) else order  # like the steps, the order ignores case
         if order not in ORDERS:
             raise MoekernError(f"order must be 'ST' (slimming then trimming) or 'TS', got {order!r}")
         return self.slimming + self.trimming if order == "ST" else self.trimming + self.slimming
@@ -464,16 +465,28 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
 
     quant_calibration: the calibration of a quantization step (AWQ, GPTQ) where it differs from the others' (the
     paper: Pile for AWQ, Alpaca for GPTQ, C4 for the rest): token ids or a source, as `calibration`."""
-    from moekern import surgery
+    from moekern import arguments, folders, surgery
     from moekern.compress.report import model_size
 
     recipe = as_recipe(recipe)
     steps = recipe.ordered(order)
+    order = order.upper()
+    samples = None if samples is None else arguments.positive_int(samples, "samples")
+    seq_len = None if seq_len is None else arguments.positive_int(seq_len, "seq_len", minimum=2)
+    batch_size = arguments.positive_int(batch_size, "batch_size")
+    seed = arguments.index(seed, "seed", "an integer")
+    device = arguments.device(device)
     check_recipe(recipe, model, allow_fewer)
     ids = _calibration(recipe, calibration, tokenizer, samples, seq_len, seed)
     quant_ids = ids
     if quant_calibration is not None and any(isinstance(s, Quantize) and s.method != "rtn" for s in steps):
         quant_ids = _calibration(recipe, quant_calibration, tokenizer, samples, seq_len, seed)
+    for blocks in {id(t): t for t in (ids, quant_ids) if t is not None}.values():  # each tensor once
+        arguments.check_positions(model.config, blocks.shape[1], "the calibration blocks' length (seq_len)")
+        vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+        if vocab and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
+            raise MoekernError(f"calibration token ids must be in 0..{vocab - 1} (the vocabulary), got "
+                               f"{int(blocks.min())}..{int(blocks.max())}: were they made by another tokenizer?")
     if not inplace:
         model = copy.deepcopy(model)
     from moekern.models import adopt
@@ -500,6 +513,9 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
             entry = _trim(model, step, stats, allow_fewer)
         log.append({"step": str(step), "kind": "slimming" if step.slimming else "trimming", **entry,
                     "seconds": round(time.perf_counter() - started, 2)})
+    # one min/max per tensor: a NaN or inf weight (from the input, or made by a step) is refused, never saved
+    folders.check_finite(model.state_dict().items(), f"the model compressed by {recipe}",
+                         hint="were the input weights or the calibration data already broken?")
     d = surgery.decisions(model)
     d["recipe"] = str(recipe)
     d["recipe_order"] = order

@@ -34,12 +34,14 @@ The sums are accumulated in float64 over every calibration token; the subsets ar
 key per token, the smallest keys kept), reproducible through `seed`.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from moekern.compress.layerwise import stream_layers
+from moekern.errors import MoekernError
 from moekern.models import family_of
 from moekern.modules.moe import MoEBlock
 from moekern.ops.reference import NO_EXPERT, route
@@ -273,6 +275,15 @@ class _LayerRecorder:
     def result(self) -> LayerStats:
         n = max(self.tokens, 1)
         stats = LayerStats(self.original, self.block_sum / n, moe=self.moe and self.score_sum is not None)
+        sums = {"block similarity": self.block_sum}
+        if stats.moe:
+            sums.update({"S(M)": self.s_m_sum, "S(NM)": self.s_nm_sum, "expert scores": float(self.score_sum.sum())})
+        broken = [name for name, value in sums.items() if not math.isfinite(value)]
+        if broken:  # the sums are reduced anyway: checking them costs nothing, and a NaN would choose the drops
+            raise MoekernError(
+                f"calibration statistics of layer {self.original} are not finite ({', '.join(broken)}): the model "
+                f"produces NaN or inf on the calibration data. Check its weights (moekern info) and, in float16, "
+                f"calibrate in bfloat16 or float32")
         if stats.moe:
             stats.s_m, stats.s_nm = self.s_m_sum / n, self.s_nm_sum / n
             stats.expert_scores = (self.score_sum / n).float()

@@ -23,6 +23,9 @@ def experts_forward(
     tap = getattr(experts, "calibration_tap", None)
     if tap is not None:  # moekern.quant.calibrate records which tokens reach which expert
         tap(hidden_states, top_k_index, top_k_weights)
+    adapter = getattr(experts, "lora_experts", None)
+    if adapter is not None:  # LoRA over the frozen experts (moekern.finetune.lora): its own differentiable path
+        return adapter(experts, hidden_states, top_k_index, top_k_weights)
     if isinstance(experts, QuantizedExperts):
         if not _use_4bit_kernels(experts, hidden_states.device):
             return experts.reference_forward(hidden_states, top_k_index, top_k_weights)
@@ -62,15 +65,19 @@ def _backend(device: torch.device) -> str:
     return choice
 
 
-def route(logits, spec, alive, correction_bias, skip_beta):
+def route(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
     """Router logits -> (weights, ids) for MoEBlock: the Triton routing kernel on the Triton backend (ids int32),
-    reference.route elsewhere. Both mark a skipped slot or an empty one NO_EXPERT."""
+    reference.route elsewhere. Both mark a skipped slot or an empty one NO_EXPERT. expert_row: ids come back as the
+    rows the experts are stored at (the Triton router maps them in its own launch)."""
     if _backend(logits.device) == "triton":
         _triton_kernels(logits.device)  # sets up the interpreter on a CPU before the kernels' first import
         from moekern.ops import routing
 
-        return routing.route(logits, spec, alive, correction_bias, skip_beta)
-    return reference.route(logits, spec, alive, correction_bias, skip_beta)
+        return routing.route(logits, spec, alive, correction_bias, skip_beta, expert_row=expert_row)
+    weights, ids = reference.route(logits, spec, alive, correction_bias, skip_beta)
+    if expert_row is not None:
+        ids = expert_row[ids.clamp(min=0)].masked_fill(ids == reference.NO_EXPERT, reference.NO_EXPERT)
+    return weights, ids
 
 
 def _use_4bit_kernels(experts: QuantizedExperts, device: torch.device) -> bool:

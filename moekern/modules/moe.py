@@ -61,8 +61,7 @@ class MoEBlock(nn.Module):
             if bias is not None:
                 bias = bias.new_zeros(self.num_original_experts).index_copy_(0, self.kept_experts, bias)
         _record_router_logits(logits)
-        weights, ids = route(logits, self.spec, self.alive, bias, self.skip_beta)
-        rows = self.expert_row[ids.clamp(min=0)].masked_fill(ids == NO_EXPERT, NO_EXPERT)
+        weights, rows = route(logits, self.spec, self.alive, bias, self.skip_beta, expert_row=self.expert_row)
         out = experts_forward(self.experts, x, rows, weights)
         shared = self.family.shared_output(self, x)
         if shared is not None:

@@ -1,5 +1,5 @@
 """Fused grouped MoE GEMM in Triton over the work lists of moekern.ops.routing: bf16/fp16/fp32 weights, or
-moekern's 4-bit layout (moekern.quant.layout) dequantized inside the K loop. Oracle: reference.moe_experts.
+moekern's 4-bit layout (moekern.quant.layout) dequantized in registers. Oracle: reference.moe_experts.
 
     pairs      p = t * top_k + s, one per (token, slot); a slot whose id is NO_EXPERT has no pair in the lists
     gate_up    inter[p, :I] = act(x[t] @ W_gate_up[e].T + b)     act in the epilogue; the intermediate written once
@@ -8,27 +8,43 @@ moekern's 4-bit layout (moekern.quant.layout) dequantized inside the K loop. Ora
 
 Why per-slot outputs and a second small kernel instead of atomics into out[t]: a sum in a fixed order gives the
 same bits on every run (atomics add in arrival order), needs no zero fill of `out` before the GEMM (one launch and
-one write of out less), works for bf16 out without bf16 atomics, and absorbs split-K for free. Its cost is writing
-and reading [pairs, H] in fp32 once: nothing next to the weights at decode; at a 2048-token prefill of OLMoE shapes
-(k = 8) about 270 MB, some 20% of the GEMMs' compute floor on an H200 (bf16 partials when SPLIT_K is 1 would halve
-it, at the price of rounding each slot before the sum; not done).
+one write of out less), works for bf16 out without bf16 atomics, and absorbs the down GEMM's split-K for free.
 
-Layouts: a weight is [E, N, K] (out, in) with any strides (GPT-OSS's (in, out) tensors come as transposed views);
-the kernel reads a [BLOCK_K, BLOCK_N] tile of W^T. 4-bit: qweight int32 [E, K/8, N], scales [E, K/G, N], zeros
-uint8 [E, K/G, N], N contiguous: a K step reads [BLOCK_K/8, BLOCK_N] words once (16-byte loads along N), unpacks
-them with a shift, a mask and a reshape, and, lying inside one group, reads one row of scales and zeros.
+Orientation (swap AB, as vLLM/SGLang/Marlin do for few rows): every tile computes out^T = W @ x^T, acc [BLOCK_N,
+BLOCK_M], so the weights are the MMA's M operand and the routed rows its N operand. That lets the decode path (one to
+16 rows an expert) use the tensor cores at their smallest N, 16 (wgmma m64n16k16 on sm_90, mma.sync m16n8k16 on
+sm_80), and lets 4-bit weights feed the MMA from registers: wgmma and mma.sync take their A operand from registers,
+while wgmma's B must come from shared memory.
 
-Tiles: BLOCK_M rows of the sorted pairs (one expert per block) x BLOCK_N outputs, a K loop of BLOCK_K. With BLOCK_M
->= 16 the inner product is tl.dot (tensor cores); under 16 (decode: few tokens per expert) it is a broadcast
-multiply and a sum over K, a GEMV over a few rows, and the down GEMM may split K (see tuning.py). Compiled for
-sm_90 (python -m moekern.ops.compile_check --resources): dense tiles use wgmma fed by cp.async; the 4-bit tiles,
-dequantized in registers, use mma.sync; no variant spills.
+4-bit weights run on a tensor-core layout made once from moekern's (mma_pack, cached per weight by mma_words): each
+lane's eight 4-bit values of one MMA fragment sit in one int32 word, in the register order Triton gives tl.dot's A
+operand on the target (wgmma on sm_90, mma.sync on sm_80: two layouts, see MMA_N), and a lane's words for 64
+consecutive k are 16 contiguous bytes. A K step is then one 16-byte cp.async per lane and 64 k, and the words,
+decoded in place, are already the MMA's A fragments: no layout conversion and no shared-memory round trip of
+dequantized values (the reshapes in _q4_decode only rename registers; the SASS has no STS in the loop). The decode of
+one word is the lop3 / magic-number trick: (word >> 4i) & 0x000F000F | 0x43004300 gives two bf16 of value 128 + q,
+and one fused multiply-add with -(128 + zero) leaves q - zero exactly, 1.4 instructions a weight in all
+(tl.inline_asm_elementwise; Triton's interpreter cannot run PTX, so it takes a portable shift-and-mask path over the
+same layout, and tests/test_ops_mma_layout.py emulates the PTX). K steps are one or two whole quantization groups:
+at decode each group's MMA result is multiplied by the group's scales (fewest instructions); at prefill the scales go
+into the dequantization (one more multiply a pair) so that the MMAs accumulate in place and stay in flight; groups of
+16 or 32 take a zero and scale per 16-k word. The static report (python -m moekern.ops.compile_check --sass, in
+benchmarks/results/static/) counts every variant's instructions.
 
-No host sync and no data-dependent Python: every grid is the static bound of the work lists (a block past the used
-rows reads block_expert = -1 and returns), so the whole call can be captured in a CUDA graph.
+Tiles: BLOCK_M rows of the sorted pairs (one expert per block) x BLOCK_N outputs, a K loop of BLOCK_K, split into
+SPLIT_K ranges where the grid would leave SMs idle (tuning.py). gate_up's split-K partials are summed in a fixed
+order by the last of the tile's programs to arrive (a counter per tile, reset by that program), which then applies
+the activation: no extra launch. down's partials are summed by the slot-sum kernel. Programs are ordered in groups
+of GROUP_M blocks so that tiles sharing weights run together.
+
+No host sync and no data-dependent Python: every grid is a static bound of the work lists (a block past the used
+rows reads block_expert = -1 and returns), so the whole call can be captured in a CUDA graph once the 4-bit layout
+exists (the first eager call makes it, or mma_words before capture). Row offsets are int64: pairs x row stride
+passes 2^31 in long prefills (DeepSeek-V3's part buffer from 37,450 tokens).
 """
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +59,9 @@ ACT = {"silu": 0, "clamped_swiglu": 1}
 
 # Triton decides at decoration time whether a kernel is interpreted; the host code follows the same decision.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter keeps bf16 as raw uint16 bits and its tl.dot multiplies those bits; the kernels then take an fp32
+# dot for bf16. A test that mends the interpreter's dot sets this to run the bf16 tl.dot path itself.
+INTERPRETER_BF16_DOT = False
 
 
 @dataclass(frozen=True)
@@ -67,58 +86,376 @@ class Quant4:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The tensor-core layout of 4-bit weights
+# ----------------------------------------------------------------------------------------------------------------------
+# A [BLOCK_N, BLOCK_K] A-operand tile of the MMA, per 16-row block and 64-k block, is 32 lanes x 4 words x 8 values:
+# lane L = 4g + c, word j, value v. Where each lands is the register layout Triton gives the A operand of tl.dot:
+#   kwidth 2 (wgmma, sm_90; PTX's mma.m16n8k16 fragment): row g + 8 v1, column 16 j + 2c + v0 + 8 v2
+#   kwidth 8 (mma.sync as Triton lays it out on sm_80):   row g + 8 j0, column 32 j1 + 8c + v
+# (v = 4 v2 + 2 v1 + v0, j = 2 j1 + j0). The decoder turns nibbles (i, i + 4) of a word into values (2i, 2i + 1):
+# value v sits at nibble NIBBLE[v]. Words: [..., N / 16, K / 64, 32 lanes, 4 words]: a lane reads 16 contiguous bytes
+# a 64-k block, and a 16-row block's K runs on in 512-byte steps. Either layout gives the same products on any GPU;
+# the one that matches the compiler's saves a layout conversion through shared memory.
+MMA_N, MMA_K = 16, 64
+MMA_K_PAD = 256  # K is padded to whole K steps of the widest tile (zeros, against activations masked to zero)
+MMA_N_PAD = 128  # and N to whole tiles of the widest BLOCK_N, so that no tile reads past a half's words
+NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def mma_pack(q: torch.Tensor, kwidth: int = 2) -> torch.Tensor:
+    """q uint8 [..., N, K] of 4-bit values (N % 16 == 0, K % 64 == 0) -> int32 words [..., N/16, K/64, 32, 4]."""
+    *lead, n, k = q.shape
+    if n % MMA_N or k % MMA_K:
+        raise ValueError(f"mma_pack needs N % {MMA_N} == 0 and K % {MMA_K} == 0, got N={n}, K={k}")
+    d = len(lead)
+    if kwidth == 2:  # n = 16 nb + 8 v1 + g ; k = 64 kb + 16 j + 8 v2 + 2 c + v0
+        q = q.reshape(*lead, n // 16, 2, 8, k // 64, 4, 2, 4, 2)
+        q = q.permute(*range(d), d, d + 3, d + 2, d + 6, d + 4, d + 5, d + 1, d + 7)  # nb kb g c j v2 v1 v0
+    else:  # n = 16 nb + 8 j0 + g ; k = 64 kb + 32 j1 + 8 c + v
+        q = q.reshape(*lead, n // 16, 2, 8, k // 64, 2, 4, 8)
+        q = q.permute(*range(d), d, d + 3, d + 2, d + 5, d + 4, d + 1, d + 6)  # nb kb g c j1 j0 v
+    q = q.reshape(*lead, n // 16, k // 64, 32, 4, 8).to(torch.int64)
+    shifts = 4 * torch.tensor(NIBBLE, dtype=torch.int64, device=q.device)
+    words = (q << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def mma_unpack(words: torch.Tensor, kwidth: int = 2) -> torch.Tensor:
+    """The inverse of mma_pack: int32 [..., N/16, K/64, 32, 4] -> q uint8 [..., N, K]."""
+    *lead, nb, kb, lanes, j = words.shape
+    d = len(lead)
+    shifts = 4 * torch.tensor(NIBBLE, dtype=torch.int32, device=words.device)
+    q = (words.unsqueeze(-1) >> shifts) & 0xF  # [..., nb, kb, 32, 4, 8 (v)]
+    if kwidth == 2:
+        q = q.reshape(*lead, nb, kb, 8, 4, 4, 2, 2, 2)  # nb kb g c j v2 v1 v0
+        q = q.permute(*range(d), d, d + 6, d + 2, d + 1, d + 4, d + 5, d + 3, d + 7)  # nb v1 g kb j v2 c v0
+    else:
+        q = q.reshape(*lead, nb, kb, 8, 4, 2, 2, 8)  # nb kb g c j1 j0 v
+        q = q.permute(*range(d), d, d + 5, d + 2, d + 1, d + 4, d + 3, d + 6)  # nb j0 g kb j1 c v
+    return q.reshape(*lead, nb * 16, kb * 64).to(torch.uint8)
+
+
+def mma_kwidth(device: torch.device) -> int:
+    """The A-fragment layout the target's tl.dot uses (see above): 2 on sm_90 (wgmma), 8 elsewhere (mma.sync)."""
+    return 2 if tuning.target_arch(device) // 10 == 9 else 8
+
+
+def _pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    extra = -t.shape[dim] % multiple
+    if not extra:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, extra]
+    return torch.nn.functional.pad(t, pad)
+
+
+def mma_layout(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: int = 2) -> torch.Tensor:
+    """moekern's 4-bit words of w -> the tensor-core words [E, halves, N'/16, K'/64, 32, 4] (padded with zeros).
+
+    halves = 2 for gate_up: the gate and up rows go to separate halves (first I rows and last I rows, or even and odd
+    rows where interleaved, as GPT-OSS stores them), each padded to MMA_N_PAD rows. Made one expert at a time so that
+    the temporaries stay small next to the weights."""
+    from moekern.quant import layout
+
+    e, n, k = w.shape
+    rows = n // halves
+    kp, np_ = k + -k % MMA_K_PAD, rows + -rows % MMA_N_PAD
+    out = torch.empty(e, halves, np_ // MMA_N, kp // MMA_K, 32, 4, dtype=torch.int32, device=w.qweight.device)
+    for i in range(e):
+        q = layout.unpack(w.qweight[i])  # [N, K]
+        if interleaved:
+            q = torch.stack([q[0::2], q[1::2]])
+        else:
+            q = q.reshape(halves, rows, k)
+        out[i] = mma_pack(_pad_to(_pad_to(q, 1, MMA_N_PAD), 2, MMA_K_PAD), kwidth)
+    return out
+
+
+_MMA_CACHE: dict[int, tuple] = {}
+
+
+def mma_words(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: int = 2) -> torch.Tensor:
+    """mma_layout(w), made once per weight tensor and kept while it lives (and is not modified in place).
+
+    The cache holds a second copy of the 4-bit words next to the module's (saved) layout. Call it once before a CUDA
+    graph capture (an eager forward does), so that the capture records only the GEMMs."""
+    q = w.qweight
+    key = id(q)
+    stamp = (q.data_ptr(), q.shape, q._version, halves, interleaved, kwidth)
+    hit = _MMA_CACHE.get(key)
+    if hit is not None and hit[0]() is q and hit[1] == stamp:
+        return hit[2]
+    words = mma_layout(w, halves, interleaved, kwidth)
+    _MMA_CACHE[key] = (weakref.ref(q, lambda _, key=key: _MMA_CACHE.pop(key, None)), stamp, words)
+    return words
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _load_w_tile(w_ptr, s_ptr, z_ptr, e, n_rows, k0, n_ok, K,
-                 stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn,
-                 BLOCK_K: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
-    """W[e, n_rows, k0:k0+BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile, zero past K.
-
-    4-bit: the [BLOCK_K / 8, BLOCK_N] int32 words are read once (coalesced along N), each word's 8 nibbles spread
-    by a shift and a mask into [BLOCK_K / 8, 8, BLOCK_N] and reshaped to rows 8r + j (the packing order), then
-    (q - zero) * scale. The caller's K step lies in one group (BLOCK_K divides GROUP, K steps start at multiples of
-    BLOCK_K), so scales and zeros are one row per step. K is a multiple of 8, so masking whole words is exact."""
-    e = e.to(tl.int64)  # E x (N x K) passes 2^31 elements in large models (DeepSeek-V3: 256 x 29M)
-    if QUANT:
-        offs_r = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_ptr + e * stride_we + offs_r[:, None] * stride_wk + n_rows[None, :] * stride_wn,
-                        mask=(offs_r * 8 < K)[:, None] & n_ok[None, :], other=0)
-        shifts = tl.arange(0, 8) * 4
-        q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
-        q = tl.reshape(q, (BLOCK_K, q.shape[2]))
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + e * stride_se + g * stride_sg + n_rows * stride_sn, mask=n_ok, other=0.0)
-        zero = tl.load(z_ptr + e * stride_se + g * stride_sg + n_rows * stride_sn, mask=n_ok, other=0)
-        w = (q.to(tl.float32) - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
-        return w.to(scale.dtype)
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        return tl.load(w_ptr + e * stride_we + offs_k[:, None] * stride_wk + n_rows[None, :] * stride_wn,
-                       mask=(offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+def _decode_asm(dtype: str, scaled: bool) -> str:
+    """The PTX that turns one word ($4) into registers $0..$3 = values (0, 1), (2, 3), (4, 5), (6, 7): for i = 0..3,
+    lop3 puts nibbles i and i + 4 (word >> 4i, masked) into the mantissas of MAGIC + q (two bf16 or f16, MAGIC 128 or
+    1024: the mantissa's last bit is worth 1), one fma with 1 and -(MAGIC + zero) leaves q - zero exactly (zero: $5
+    for the even registers, row g; $9 for the odd ones, row g + 8), and where scaled one more fma with the row's
+    scale ($13, $17) and -0 rounds the product once, as the reference's dequantization does."""
+    magic, one, fma = (("0x43004300", "0x3F803F80", "fma.rn.bf16x2") if dtype == "bf16" else
+                       ("0x64006400", "0x3C003C00", "fma.rn.f16x2"))
+    lines = [".reg .b32 t, one, nz;", f"mov.b32 one, {one};", "mov.b32 nz, 0x80008000;"]
+    for i in range(4):
+        zero, scale = ("$5", "$13") if i % 2 == 0 else ("$9", "$17")
+        if i:
+            lines.append(f"shr.b32 t, $4, {4 * i};")
+        lines.append(f"lop3.b32 ${i}, {'t' if i else '$4'}, 0x000f000f, {magic}, 0xea;")
+        lines.append(f"{fma} ${i}, ${i}, one, {zero};")
+        if scaled:
+            lines.append(f"{fma} ${i}, ${i}, {scale}, nz;")
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
-@triton.jit
-def _scale_input(a, in_scale_ptr, e, offs_k, k_ok, stride_ie, HAS_IN_SCALE: tl.constexpr):
-    """a [BM, BK] times expert e's input scale over columns offs_k (AWQ, unfolded): x * s @ W^T = x @ (W * s)^T."""
-    if HAS_IN_SCALE:
-        s = tl.load(in_scale_ptr + e.to(tl.int64) * stride_ie + offs_k, mask=k_ok, other=0.0)
-        a = (a.to(tl.float32) * s.to(tl.float32)[None, :]).to(a.dtype)
-    return a
+_ASM_BF16 = tl.constexpr(_decode_asm("bf16", False))
+_ASM_BF16_SCALED = tl.constexpr(_decode_asm("bf16", True))
+_ASM_F16 = tl.constexpr(_decode_asm("f16", False))
+_ASM_F16_SCALED = tl.constexpr(_decode_asm("f16", True))
+# four output registers; the word ($4), then four copies of each broadcast operand (pack=4), the asm reads the first
+_OPERANDS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 8)
+_SCALED_OPERANDS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 16)
 
 
 @triton.jit
-def _mma(acc, a, b, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc [BM, BN] fp32 += a [BM, BK] @ b [BK, BN]. DOT_FP32: the interpreter (its bf16 tl.dot is wrong) and fp32
-    weights (exact fp32, not tf32). Without USE_DOT (BLOCK_M < 16, where tl.dot cannot go): broadcast and sum."""
-    if USE_DOT:
-        if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def _decode_words_asm(wb, zlo, zhi, slo, shi, BF16: tl.constexpr, SCALED: tl.constexpr):
+    """uint8 [..., 4] bytes of one word a lane (pack=4 hands the asm the four bytes as one register) -> two tensors of
+    4 values, (v0..v3) and (v4..v7), by _decode_asm. zlo / zhi: -(MAGIC + zero) of rows g / g + 8 twice (a bf16x2 or
+    f16x2 in an int32); slo / shi: the scales of those rows twice (SCALED only)."""
+    if BF16:
+        if SCALED:
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_BF16_SCALED, constraints=_SCALED_OPERANDS,
+                                               args=[wb, zlo, zhi, slo, shi], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
         else:
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_BF16, constraints=_OPERANDS, args=[wb, zlo, zhi],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
-        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        if SCALED:
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_F16_SCALED, constraints=_SCALED_OPERANDS,
+                                               args=[wb, zlo, zhi, slo, shi], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            r0, r1 = tl.inline_asm_elementwise(asm=_ASM_F16, constraints=_OPERANDS, args=[wb, zlo, zhi],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return r0, r1
+
+
+@triton.jit
+def _q4_words(w_ptr, e, half, n0, k0, stride_we, stride_wh, stride_wnb, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """Pointers to the words of rows n0.. and columns k0.. of half `half` of a 4-bit weight in the tensor-core
+    layout: each lane's 16 contiguous bytes of every 64-k block, [KB, NB, 8, 4, 16] bytes (ASM: the asm decoder takes
+    a word as its four bytes) or [KB, NB, 8, 4, 4] int32 words. The caller advances them by _q4_step a K step."""
+    KB: tl.constexpr = BLOCK_K // 64
+    NB: tl.constexpr = BLOCK_N // 16
+    kb = tl.arange(0, KB)[:, None, None, None, None]
+    nb = tl.arange(0, NB)[None, :, None, None, None]
+    lane = tl.arange(0, 8)[None, None, :, None, None] * 4 + tl.arange(0, 4)[None, None, None, :, None]
+    base = e * stride_we + half * stride_wh + (n0 // 16) * stride_wnb + (k0 // 64) * 512
+    if ASM:
+        ptrs = w_ptr + base + nb * stride_wnb + kb * 512 + lane * 16 + tl.arange(0, 16)[None, None, None, None, :]
+    else:
+        ptrs = w_ptr + base // 4 + nb * (stride_wnb // 4) + kb * 128 + lane * 4 + \
+            tl.arange(0, 4)[None, None, None, None, :]
+    return ptrs
+
+
+@triton.jit
+def _q4_step(BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """How far _q4_words' pointers move a K step: BLOCK_K / 64 blocks of 512 bytes."""
+    STEP: tl.constexpr = (BLOCK_K // 64) * (512 if ASM else 128)
+    return STEP
+
+
+@triton.jit
+def _q4_group_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stride_sg, stride_sn, half_col,
+                   N_MUL: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """Zeros (int32) and scales (fp32) of rows g (lo) and g + 8 (hi) of each 16-row block in group `grp`, shaped
+    [1, NB, 8, 1, 1, 1] (a lane's rows, as _q4_decode broadcasts them). The group index is clamped, so that the read
+    one step past the end stays inside. moekern's layout: column n * N_MUL + half * half_col of [E, K / G, N]."""
+    NB: tl.constexpr = BLOCK_N // 16
+    row = n0 + tl.arange(0, NB)[None, :, None, None, None, None] * 16 + tl.arange(0, 8)[None, None, :, None, None, None]
+    lo = e * stride_se + tl.minimum(grp, num_groups - 1) * stride_sg + (row * N_MUL + half * half_col) * stride_sn
+    hi = lo + 8 * N_MUL * stride_sn
+    if EVEN_N:
+        z_lo = tl.load(z_ptr + lo).to(tl.int32)
+        z_hi = tl.load(z_ptr + hi).to(tl.int32)
+        s_lo = tl.load(s_ptr + lo).to(tl.float32)
+        s_hi = tl.load(s_ptr + hi).to(tl.float32)
+    else:
+        z_lo = tl.load(z_ptr + lo, mask=row < N, other=0).to(tl.int32)
+        z_hi = tl.load(z_ptr + hi, mask=row + 8 < N, other=0).to(tl.int32)
+        s_lo = tl.load(s_ptr + lo, mask=row < N, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + hi, mask=row + 8 < N, other=0.0).to(tl.float32)
+    return z_lo, z_hi, s_lo, s_hi
+
+
+@triton.jit
+def _q4_step_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stride_sg, stride_sn, half_col,
+                  N_MUL: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr):
+    """_q4_group_meta of the (one or two) groups of a K step from group `grp` on: 8 tensors, the second four the
+    first again where a step is one group."""
+    z_lo0, z_hi0, s_lo0, s_hi0 = _q4_group_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stride_sg,
+                                                stride_sn, half_col, N_MUL, BLOCK_N, EVEN_N)
+    if SUB == 2:
+        z_lo1, z_hi1, s_lo1, s_hi1 = _q4_group_meta(z_ptr, s_ptr, e, half, n0, grp + 1, N, num_groups, stride_se,
+                                                    stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, EVEN_N)
+    else:
+        z_lo1, z_hi1, s_lo1, s_hi1 = z_lo0, z_hi0, s_lo0, s_hi0
+    return z_lo0, z_hi0, s_lo0, s_hi0, z_lo1, z_hi1, s_lo1, s_hi1
+
+
+@triton.jit
+def _q4_group_acc(acc, wp, xt, z_lo, z_hi, s_lo, s_hi, sub: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr,
+                  FACTORED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc += dequantize(W)[rows, group `sub` of the K step] @ xt (the group's words start sub * GROUP / 64 blocks
+    past wp). FACTORED: the MMA takes q - zero and its result is multiplied by the rows' scales, put in the order of
+    the MMA's rows (16 nb + 8 hi + g) so that they meet it without a layout conversion: the fewest instructions, but
+    each wgmma is waited for. Else the scales go into the dequantization and the MMA accumulates in place: the
+    asynchronous wgmma stays in flight into the next step (prefill)."""
+    NB: tl.constexpr = BLOCK_N // 16
+    wp = wp + sub * _q4_step(GROUP, ASM)
+    if FACTORED:
+        w = _q4_decode(wp, z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW)
+        s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
+        acc = _mma(acc, w, xt, s, True, DOT_FP32)
+    else:
+        w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, GROUP, DT, ASM, True, KW)
+        acc = _mma(acc, w, xt, acc, False, DOT_FP32)
     return acc
+
+
+@triton.jit
+def _q4_scaled_meta(z_ptr, s_ptr, e, half, n0, k0, N, num_groups, stride_se, stride_sg, stride_sn, half_col,
+                    N_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """Zeros and scales of rows g and g + 8 at the group of each 64-k block of the step at k0 (each 16-k word where
+    groups are narrower), [KB, NB, 8, 1, 4 or 1, 1]: the scale goes into the dequantization. Groups past K read zero
+    and scale 0."""
+    KB: tl.constexpr = BLOCK_K // 64
+    NB: tl.constexpr = BLOCK_N // 16
+    JG: tl.constexpr = 4 if GROUP < 64 else 1
+    kb = tl.arange(0, KB)[:, None, None, None, None, None]
+    j = tl.arange(0, JG)[None, None, None, None, :, None]
+    grp = (k0 + 64 * kb + 16 * j) // GROUP
+    row = n0 + tl.arange(0, NB)[None, :, None, None, None, None] * 16 + tl.arange(0, 8)[None, None, :, None, None, None]
+    meta = e * stride_se + grp * stride_sg + (row * N_MUL + half * half_col) * stride_sn
+    hi = 8 * N_MUL * stride_sn
+    ok_lo = (row < N) & (grp < num_groups)
+    ok_hi = (row + 8 < N) & (grp < num_groups)
+    z_lo = tl.load(z_ptr + meta, mask=ok_lo, other=0).to(tl.int32)
+    z_hi = tl.load(z_ptr + meta + hi, mask=ok_hi, other=0).to(tl.int32)
+    s_lo = tl.load(s_ptr + meta, mask=ok_lo, other=0.0).to(tl.float32)
+    s_hi = tl.load(s_ptr + meta + hi, mask=ok_hi, other=0.0).to(tl.float32)
+    return z_lo, z_hi, s_lo, s_hi
+
+
+@triton.jit
+def _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+               ASM: tl.constexpr, SCALED: tl.constexpr, KW: tl.constexpr):
+    """The A operand [BLOCK_N, BLOCK_K] from the words at wp (_q4_words): q - zero in DT, times the scale where
+    SCALED. Zeros and scales of rows g (lo) and g + 8 (hi) broadcast over the words: in the kwidth-2 layout a word
+    holds both rows (values 2, 3, 6, 7 are row g + 8), in the kwidth-8 layout word j holds row g + 8 (j % 2)."""
+    KB: tl.constexpr = BLOCK_K // 64
+    NB: tl.constexpr = BLOCK_N // 16
+    jj = tl.arange(0, 4)[None, None, None, None, :, None]
+    if ASM:
+        wb = tl.load(wp).reshape(KB, NB, 8, 4, 4, 4)  # word j, its 4 bytes: pack=4 hands the asm one word
+        # -(MAGIC + zero) twice, as the bits of a bf16x2 / f16x2: the magic's sign bit set, the zero in the mantissa
+        NEG: tl.constexpr = 0xC300 if DT == tl.bfloat16 else 0xE400
+        zlo = (NEG | z_lo) * 0x10001
+        zhi = (NEG | z_hi) * 0x10001
+        if SCALED:
+            slo = s_lo.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) * 0x10001
+            shi = s_hi.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) * 0x10001
+        else:
+            slo = zlo
+            shi = zhi
+        if KW != 2:  # one row a word: its zero (and scale) for all four registers
+            zlo = tl.where((jj & 1) == 0, zlo, zhi)
+            zhi = zlo
+            slo = tl.where((jj & 1) == 0, slo, shi)
+            shi = slo
+        r0, r1 = _decode_words_asm(wb, zlo, zhi, slo, shi, DT == tl.bfloat16, SCALED)
+        v = tl.join(r0, r1)  # [KB, NB, 8, 4, 4 words, 4 values, 2 halves]: values 4 * half + i
+        v = v.permute(0, 1, 2, 3, 4, 6, 5).reshape(KB, NB, 8, 4, 4, 8)
+    else:  # the interpreter (and fp32): the same values by shift and mask, in fp32
+        words = tl.load(wp)  # int32 [KB, NB, 8, 4, 4]
+        vi = tl.arange(0, 8)[None, None, None, None, None, :]
+        shift = (vi & 1) * 16 + (vi >> 1) * 4  # value v sits at bit 4 * NIBBLE[v]
+        q = ((words[:, :, :, :, :, None] >> shift) & 0xF).to(tl.float32)
+        if KW == 2:
+            upper = ((vi >> 1) & 1) == 1
+        else:
+            upper = (jj & 1) == 1
+        q = q - tl.where(upper, z_hi, z_lo).to(tl.float32)
+        if SCALED:
+            q = q * tl.where(upper, s_hi, s_lo)
+        v = q.to(DT)
+    # rows and columns of [kb, nb, g, c, j, v] (see mma_pack): only registers are renamed
+    if KW == 2:
+        v = v.reshape(KB, NB, 8, 4, 4, 2, 2, 2).permute(1, 6, 2, 0, 4, 5, 3, 7)  # nb v1 g | kb j v2 c v0
+    else:
+        v = v.reshape(KB, NB, 8, 4, 2, 2, 8).permute(1, 5, 2, 0, 4, 3, 6)  # nb j0 g | kb j1 c v
+    return v.reshape(BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _load_rows(ptrs, k0, k_end, in_scale_ptr, e, stride_ie, DT: tl.constexpr, BLOCK_K: tl.constexpr,
+               HAS_IN_SCALE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The activation rows at ptrs [BLOCK_M, BLOCK_K] (columns k0..) as the B operand [BLOCK_K, BLOCK_M] in DT, zero
+    past k_end; AWQ's input scale of expert e over those columns applied (x * s @ W^T = x @ (W * s)^T)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    if EVEN_K:
+        a = tl.load(ptrs)
+    else:
+        a = tl.load(ptrs, mask=k_ok[None, :], other=0.0)
+    if HAS_IN_SCALE:
+        s = tl.load(in_scale_ptr + e * stride_ie + offs_k, mask=k_ok, other=0.0)
+        a = a.to(tl.float32) * s.to(tl.float32)[None, :]
+    return tl.trans(a.to(DT))
+
+
+@triton.jit
+def _load_dense(ptrs, k0, k_end, row_ok, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A dense weight tile at ptrs [BLOCK_N, BLOCK_K], zero past k_end and on rows that do not exist."""
+    if EVEN_N and EVEN_K:
+        return tl.load(ptrs)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_k < k_end)[None, :], other=0.0)
+
+
+@triton.jit
+def _mma(acc, w, xt, s, FACTORED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc [BN, BM] fp32 += w [BN, BK] @ xt [BK, BM], times the rows' scales s where FACTORED (4-bit, one group a
+    K step). DOT_FP32: fp32 operands (exact fp32, not tf32), and bf16 in Triton's interpreter."""
+    if DOT_FP32:
+        part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        if FACTORED:
+            part = part * s[:, None]
+        acc += part
+    elif FACTORED:
+        acc += tl.dot(w, xt) * s[:, None]
+    else:
+        acc = tl.dot(w, xt, acc)
+    return acc
+
+
+@triton.jit
+def _tile_ids(num_blocks, num_n, GROUP_M: tl.constexpr):
+    """(block, n tile) of this program: groups of GROUP_M blocks, n tiles in order inside a group, so that the
+    programs running together share weight tiles (blocks of one expert) and activation rows (L2)."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_n
+    first = (pid // in_group) * GROUP_M
+    size = tl.minimum(num_blocks - first, GROUP_M)
+    return first + (pid % in_group) % size, (pid % in_group) // size
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,106 +463,227 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def gate_up_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, in_scale_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
-    num_pairs, K, I, stride_xt,
-    stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ie, stride_it,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, in_scale_ptr, inter_ptr, ws_ptr, count_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, num_blocks, K, I, k_per_split, num_groups, stride_xt,
+    stride_we, stride_wh, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ie, stride_it,
     alpha, limit,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT: tl.constexpr, GROUP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
+    GROUPED: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, KW: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
+    """4-bit weights: w_ptr holds the tensor-core words (stride_wn: between 16-row blocks); scales and zeros keep
+    moekern's layout. GROUPED: a K step is whole groups (see _q4_group_acc for FACTORED); else 64-k steps with a
+    zero and scale per 16-k word (groups of 16 and 32)."""
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_blocks, num_n, GROUP_M)
+    split = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= 0:  # -1: a block past the used rows; it does nothing (the grid is the static bound)
-        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        row_ok = pairs < num_pairs  # padding rows hold num_pairs
-        token = pairs // TOP_K
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        DT: tl.constexpr = tl.float32 if x_ptr.dtype.element_ty == tl.float32 else x_ptr.dtype.element_ty
+        MP: tl.constexpr = 16 if BLOCK_M < 16 else BLOCK_M  # the MMA's N: at least 16 (blocks of fewer rows pad)
+        m = tl.arange(0, MP)
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + m, mask=m < BLOCK_M, other=num_pairs)
+        row_ok = pairs < num_pairs  # padding rows hold num_pairs: they read token 0 and are never stored
+        token = tl.where(row_ok, pairs // TOP_K, 0)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < I
         # silu: gate rows n, up rows I + n. clamped_swiglu (GPT-OSS): interleaved, gate 2n, up 2n + 1.
-        if ACT == 0:
-            gate_rows = offs_n
-            up_rows = offs_n + I
+        N_MUL: tl.constexpr = 1 if ACT == 0 else 2
+        half_col = I if ACT == 0 else 1
+        acc_g = tl.zeros((BLOCK_N, MP), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, MP), tl.float32)
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        # GROUPED: a K step is SUB whole groups (of 64 or more), each its own MMA, zeros and scales read a step ahead
+        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
+        SUB: tl.constexpr = BLOCK_K // KS
+        xp = x_ptr + token[:, None].to(tl.int64) * stride_xt + (k_start + tl.arange(0, KS))[None, :]
+        if QUANT:
+            wp_g = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
+            wp_u = _q4_words(w_ptr, e, 1, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
+            if GROUPED:  # zeros and scales of the first step; the loop reads each next step's ahead
+                g0, g1, g2, g3, g4, g5, g6, g7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, k_start // GROUP, I,
+                                                               num_groups, stride_se, stride_sg, stride_sn, half_col,
+                                                               N_MUL, BLOCK_N, SUB, EVEN_N)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _q4_step_meta(z_ptr, s_ptr, e, 1, n0, k_start // GROUP, I,
+                                                               num_groups, stride_se, stride_sg, stride_sn, half_col,
+                                                               N_MUL, BLOCK_N, SUB, EVEN_N)
         else:
-            gate_rows = 2 * offs_n
-            up_rows = 2 * offs_n + 1
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + token[:, None] * stride_xt + offs_k[None, :],
-                        mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-            a = _scale_input(a, in_scale_ptr, e, offs_k, offs_k < K, stride_ie, HAS_IN_SCALE)
-            wg = _load_w_tile(w_ptr, s_ptr, z_ptr, e, gate_rows, k0, n_ok, K, stride_we, stride_wn, stride_wk,
-                              stride_se, stride_sg, stride_sn, BLOCK_K, QUANT, GROUP)
-            acc_g = _mma(acc_g, a, wg, USE_DOT, DOT_FP32)
-            wu = _load_w_tile(w_ptr, s_ptr, z_ptr, e, up_rows, k0, n_ok, K, stride_we, stride_wn, stride_wk,
-                              stride_se, stride_sg, stride_sn, BLOCK_K, QUANT, GROUP)
-            acc_u = _mma(acc_u, a, wu, USE_DOT, DOT_FP32)
-        if HAS_BIAS:
-            acc_g += tl.load(b_ptr + e * stride_be + gate_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(b_ptr + e * stride_be + up_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 0:
-            h = acc_g * tl.sigmoid(acc_g) * acc_u
-        else:
-            gate = tl.minimum(acc_g, limit)
-            up = tl.minimum(tl.maximum(acc_u, -limit), limit)
-            h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
-        tl.store(inter_ptr + pairs[:, None] * stride_it + offs_n[None, :], h.to(inter_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+            rows = offs_n * N_MUL
+            wp_g = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + \
+                (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
+            wp_u = wp_g + half_col * stride_wn
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if QUANT and GROUPED:
+                for sub in tl.static_range(SUB):
+                    xt = _load_rows(xp + sub * KS, k0 + sub * KS, k_end, in_scale_ptr, e, stride_ie, DT, KS,
+                                    HAS_IN_SCALE, EVEN_K)
+                    if sub == 0:
+                        zg_lo, zg_hi, sg_lo, sg_hi, zu_lo, zu_hi, su_lo, su_hi = g0, g1, g2, g3, u0, u1, u2, u3
+                    else:
+                        zg_lo, zg_hi, sg_lo, sg_hi, zu_lo, zu_hi, su_lo, su_hi = g4, g5, g6, g7, u4, u5, u6, u7
+                    acc_g = _q4_group_acc(acc_g, wp_g, xt, zg_lo, zg_hi, sg_lo, sg_hi, sub, BLOCK_N, GROUP, DT, ASM,
+                                          KW, FACTORED, DOT_FP32)
+                    acc_u = _q4_group_acc(acc_u, wp_u, xt, zu_lo, zu_hi, su_lo, su_hi, sub, BLOCK_N, GROUP, DT, ASM,
+                                          KW, FACTORED, DOT_FP32)
+                nxt = (k0 + BLOCK_K) // GROUP
+                g0, g1, g2, g3, g4, g5, g6, g7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, nxt, I, num_groups, stride_se,
+                                                               stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, SUB,
+                                                               EVEN_N)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _q4_step_meta(z_ptr, s_ptr, e, 1, n0, nxt, I, num_groups, stride_se,
+                                                               stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, SUB,
+                                                               EVEN_N)
+                wp_g += _q4_step(BLOCK_K, ASM)
+                wp_u += _q4_step(BLOCK_K, ASM)
+            else:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
+                if QUANT:
+                    z_lo, z_hi, s_lo, s_hi = _q4_scaled_meta(z_ptr, s_ptr, e, 0, n0, k0, I, num_groups, stride_se,
+                                                             stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, BLOCK_K,
+                                                             GROUP)
+                    wg = _q4_decode(wp_g, z_lo, z_hi, s_lo, s_hi, BLOCK_N, BLOCK_K, DT, ASM, True, KW)
+                    acc_g = _mma(acc_g, wg, xt, acc_g, False, DOT_FP32)
+                    z_lo, z_hi, s_lo, s_hi = _q4_scaled_meta(z_ptr, s_ptr, e, 1, n0, k0, I, num_groups, stride_se,
+                                                             stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, BLOCK_K,
+                                                             GROUP)
+                    wu = _q4_decode(wp_u, z_lo, z_hi, s_lo, s_hi, BLOCK_N, BLOCK_K, DT, ASM, True, KW)
+                    acc_u = _mma(acc_u, wu, xt, acc_u, False, DOT_FP32)
+                    wp_g += _q4_step(BLOCK_K, ASM)
+                    wp_u += _q4_step(BLOCK_K, ASM)
+                else:
+                    wg = _load_dense(wp_g, k0, k_end, n_ok, EVEN_N, EVEN_K, BLOCK_K)
+                    acc_g = _mma(acc_g, wg.to(DT), xt, acc_g, False, DOT_FP32)
+                    wu = _load_dense(wp_u, k0, k_end, n_ok, EVEN_N, EVEN_K, BLOCK_K)
+                    acc_u = _mma(acc_u, wu.to(DT), xt, acc_u, False, DOT_FP32)
+                    wp_g += BLOCK_K * stride_wk
+                    wp_u += BLOCK_K * stride_wk
+            xp += BLOCK_K
+        last = True
+        if SPLIT_K > 1:
+            # Partials to the workspace; the last of the tile's SPLIT_K programs to arrive sums them in split order
+            # (the same bits whoever arrives last), applies the activation and resets the tile's counter.
+            tile = pid_m.to(tl.int64) * num_n + pid_n
+            r = tl.arange(0, BLOCK_N)[:, None] * MP + m[None, :]
+            mine = ws_ptr + ((tile * SPLIT_K + split) * 2) * (BLOCK_N * MP)
+            tl.store(mine + r, acc_g)
+            tl.store(mine + BLOCK_N * MP + r, acc_u)
+            tl.debug_barrier()  # every thread's partial is written before the count is raised
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == SPLIT_K - 1
+            if last:
+                acc_g = tl.zeros((BLOCK_N, MP), tl.float32)
+                acc_u = tl.zeros((BLOCK_N, MP), tl.float32)
+                for sp in tl.static_range(SPLIT_K):
+                    theirs = ws_ptr + ((tile * SPLIT_K + sp) * 2) * (BLOCK_N * MP)
+                    acc_g += tl.load(theirs + r, cache_modifier=".cg")
+                    acc_u += tl.load(theirs + BLOCK_N * MP + r, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+        if last:
+            if HAS_BIAS:
+                gate_rows = offs_n * N_MUL
+                acc_g += tl.load(b_ptr + e * stride_be + gate_rows, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                acc_u += tl.load(b_ptr + e * stride_be + gate_rows + half_col, mask=n_ok,
+                                 other=0.0).to(tl.float32)[:, None]
+            if ACT == 0:
+                h = acc_g * tl.sigmoid(acc_g) * acc_u
+            else:
+                gate = tl.minimum(acc_g, limit)
+                up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+                h = (up + 1.0) * gate * tl.sigmoid(gate * alpha)
+            tl.store(inter_ptr + pairs[None, :].to(tl.int64) * stride_it + offs_n[:, None],
+                     h.to(inter_ptr.dtype.element_ty), mask=row_ok[None, :] & n_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# GEMM 2: down with the routing weight in the epilogue; split-K partials for the decode path
+# GEMM 2: down with the routing weight in the epilogue; split-K partials summed by the slot-sum kernel
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def down_kernel(
     inter_ptr, w_ptr, s_ptr, z_ptr, b_ptr, in_scale_ptr, weight_ptr, part_ptr, sorted_ptr, block_expert_ptr,
-    num_pairs, K, N, k_per_split, stride_it,
-    stride_we, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ie, stride_ps, stride_pp,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    num_pairs, num_blocks, K, N, k_per_split, num_groups, stride_it,
+    stride_we, stride_wh, stride_wn, stride_wk, stride_se, stride_sg, stride_sn, stride_be, stride_ie, stride_ps,
+    stride_pp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     QUANT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, ASM: tl.constexpr, GROUPED: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, KW: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    split = tl.program_id(2)
-    e = tl.load(block_expert_ptr + pid_m)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_blocks, num_n, GROUP_M)
+    split = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= 0:
-        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        DT: tl.constexpr = tl.float32 if inter_ptr.dtype.element_ty == tl.float32 else inter_ptr.dtype.element_ty
+        MP: tl.constexpr = 16 if BLOCK_M < 16 else BLOCK_M
+        m = tl.arange(0, MP)
+        pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + m, mask=m < BLOCK_M, other=num_pairs)
         row_ok = pairs < num_pairs
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
+        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
+        SUB: tl.constexpr = BLOCK_K // KS
+        xp = inter_ptr + tl.where(row_ok, pairs, 0)[:, None].to(tl.int64) * stride_it + \
+            (k_start + tl.arange(0, KS))[None, :]
+        if QUANT:
+            wp = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
+            if GROUPED:
+                m0, m1, m2, m3, m4, m5, m6, m7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, k_start // GROUP, N,
+                                                               num_groups, stride_se, stride_sg, stride_sn, 0, 1,
+                                                               BLOCK_N, SUB, EVEN_N)
+        else:
+            wp = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + \
+                (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
         for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(inter_ptr + pairs[:, None] * stride_it + offs_k[None, :],
-                        mask=row_ok[:, None] & (offs_k < k_end)[None, :], other=0.0)
-            a = _scale_input(a, in_scale_ptr, e, offs_k, offs_k < k_end, stride_ie, HAS_IN_SCALE)
-            w = _load_w_tile(w_ptr, s_ptr, z_ptr, e, offs_n, k0, n_ok, k_end, stride_we, stride_wn, stride_wk,
-                             stride_se, stride_sg, stride_sn, BLOCK_K, QUANT, GROUP)
-            acc = _mma(acc, a, w, USE_DOT, DOT_FP32)
+            if QUANT and GROUPED:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
+                acc = _q4_group_acc(acc, wp, xt, m0, m1, m2, m3, 0, BLOCK_N, GROUP, DT, ASM, KW, FACTORED, DOT_FP32)
+                if SUB == 2:
+                    xt = _load_rows(xp + KS, k0 + KS, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
+                    acc = _q4_group_acc(acc, wp, xt, m4, m5, m6, m7, 1, BLOCK_N, GROUP, DT, ASM, KW, FACTORED,
+                                        DOT_FP32)
+                m0, m1, m2, m3, m4, m5, m6, m7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, (k0 + BLOCK_K) // GROUP, N,
+                                                               num_groups, stride_se, stride_sg, stride_sn, 0, 1,
+                                                               BLOCK_N, SUB, EVEN_N)
+                wp += _q4_step(BLOCK_K, ASM)
+            else:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
+                if QUANT:
+                    z_lo, z_hi, s_lo, s_hi = _q4_scaled_meta(z_ptr, s_ptr, e, 0, n0, k0, N, num_groups, stride_se,
+                                                             stride_sg, stride_sn, 0, 1, BLOCK_N, BLOCK_K, GROUP)
+                    w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, BLOCK_K, DT, ASM, True, KW)
+                    acc = _mma(acc, w, xt, acc, False, DOT_FP32)
+                    wp += _q4_step(BLOCK_K, ASM)
+                else:
+                    w = _load_dense(wp, k0, k_end, n_ok, EVEN_N, EVEN_K, BLOCK_K)
+                    acc = _mma(acc, w.to(DT), xt, acc, False, DOT_FP32)
+                    wp += BLOCK_K * stride_wk
+            xp += BLOCK_K
         if HAS_BIAS:  # the bias once, in split 0; it is scaled by the routing weight like the product
-            bias = tl.load(b_ptr + e.to(tl.int64) * stride_be + offs_n, mask=n_ok & (split == 0), other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        acc *= tl.load(weight_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(part_ptr + split * stride_ps + pairs[:, None] * stride_pp + offs_n[None, :], acc,
-                 mask=row_ok[:, None] & n_ok[None, :])
+            bias = tl.load(b_ptr + e * stride_be + offs_n, mask=n_ok & (split == 0), other=0.0)
+            acc += bias.to(tl.float32)[:, None]
+        acc *= tl.load(weight_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(part_ptr + split.to(tl.int64) * stride_ps + pairs[None, :].to(tl.int64) * stride_pp + offs_n[:, None],
+                 acc, mask=row_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
-def slot_sum_kernel(part_ptr, ids_ptr, out_ptr, N, stride_ps, stride_pp, stride_ot,
+def slot_sum_kernel(part_ptr, ids_ptr, out_ptr, N, num_experts, stride_ps, stride_pp, stride_ot,
                     TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t] = sum over slots, then splits, in a fixed order; a slot with NO_EXPERT was never written: read as 0."""
-    t = tl.program_id(0)
+    """out[t] = sum over slots, then splits, in a fixed order. A slot is live where its id names an expert (0 <= id
+    < num_experts), as in align_block_size: any other slot was never computed and reads as 0."""
+    t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for s in tl.static_range(TOP_K):
-        live = tl.load(ids_ptr + t * TOP_K + s) >= 0
+        ex = tl.load(ids_ptr + t * TOP_K + s)
+        live = (ex >= 0) & (ex < num_experts)
         for sp in tl.static_range(SPLIT_K):
             acc += tl.load(part_ptr + sp * stride_ps + (t * TOP_K + s) * stride_pp + offs_n, mask=n_ok & live,
                            other=0.0)
@@ -238,17 +696,33 @@ def slot_sum_kernel(part_ptr, ids_ptr, out_ptr, N, stride_ps, stride_pp, stride_
 _alloc = torch.empty  # tests swap in a NaN-filling allocator: an element read before it is written then shows
 
 
-def _weight_args(w):
-    """(w, scales, zeros, strides e/n/k, scale strides e/g/n, quant, group) for a dense [E, N, K] or a Quant4."""
+@dataclass(frozen=True)
+class _Weight:
+    """What a GEMM launch reads of one weight: pointers, strides, and the constexprs of its kind."""
+
+    w: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    strides: tuple  # stride_we, stride_wh, stride_wn, stride_wk (4-bit words: e, half, k64 block, -)
+    meta_strides: tuple  # stride_se, stride_sg, stride_sn
+    quant: bool
+    group: int
+    num_groups: int
+
+
+def _weight(w, halves: int, act: Activation | None, kwidth: int) -> _Weight:
     if isinstance(w, Quant4):
-        q, s, z = w.qweight, w.scales, w.zeros.contiguous()
-        if s.stride() != z.stride():
-            s = s.contiguous()
         group = w.group_size
         if not tuning.group_size_supported(group):
             raise ValueError(f"the 4-bit kernels need a power-of-two group size of at least 16, not {group}")
-        return (q, s, z, q.stride(0), q.stride(2), q.stride(1), s.stride(0), s.stride(1), s.stride(2), True, group)
-    return (w, w, w, w.stride(0), w.stride(1), w.stride(2), 0, 0, 0, False, 1)
+        words = mma_words(w, halves, act is not None and act.kind == "clamped_swiglu", kwidth)
+        s, z = w.scales, w.zeros.contiguous()
+        if s.stride() != z.stride():
+            s = s.contiguous()
+        b = words.element_size()  # byte strides (expert, half, 16-row block): the kernel reads the words as bytes
+        strides = (words.stride(0) * b, words.stride(1) * b, words.stride(2) * b, 0)
+        return _Weight(words, s, z, strides, tuple(s.stride()), True, group, s.shape[1])
+    return _Weight(w, w, w, (w.stride(0), 0, w.stride(1), w.stride(2)), (0, 0, 0), False, 1, 1)
 
 
 def _input_scale_args(w, fallback):
@@ -261,61 +735,120 @@ def _input_scale_args(w, fallback):
 
 
 def _dot_fp32(x: torch.Tensor, w) -> bool:
-    dense_fp32 = not isinstance(w, Quant4) and w.dtype == torch.float32
-    return INTERPRETED or x.dtype == torch.float32 or dense_fp32
+    if x.dtype == torch.float32 or (not isinstance(w, Quant4) and w.dtype == torch.float32):
+        return True
+    return INTERPRETED and x.dtype == torch.bfloat16 and not INTERPRETER_BF16_DOT
 
 
-def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top_k, bm, num_tokens):
-    """GEMM 1 over the work lists -> inter [num_pairs, I] in x's dtype (rows of skipped pairs left unwritten)."""
+def _asm(x: torch.Tensor, wt: _Weight) -> bool:
+    """The inline-PTX decoder: compiled kernels with 16-bit activations; the interpreter runs the portable path."""
+    return wt.quant and not INTERPRETED and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _check_tile(wt: _Weight, cfg: tuning.GemmConfig):
+    if wt.quant and cfg.BLOCK_N > MMA_N_PAD:
+        raise ValueError(f"4-bit tiles of {cfg.BLOCK_N} rows would read past the words (padded to {MMA_N_PAD} rows)")
+
+
+def _grouped(wt: _Weight, cfg: tuning.GemmConfig) -> bool:
+    """K steps of one or two whole groups of 64 or more (zeros and scales read a step ahead, one row each)."""
+    return wt.quant and wt.group >= tuning.QUANT_K and cfg.BLOCK_K % wt.group == 0 and cfg.BLOCK_K // wt.group <= 2
+
+
+def _word_view(wt: _Weight, asm: bool) -> torch.Tensor:
+    return wt.w.view(torch.uint8) if asm else wt.w
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, stream_key, n: int) -> torch.Tensor:
+    """Zeroed int32 counters of gate_up's split-K tiles, one buffer per device and stream (each launch leaves them
+    zero again). Made on first use; grown (zeroed) when a larger grid needs more."""
+    key = (str(device), stream_key)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _stream_key(device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top_k, bm, num_tokens, num_blocks=None):
+    """GEMM 1 over the work lists -> inter [num_pairs, I] in x's dtype (rows of skipped pairs left unwritten).
+    num_blocks: how many blocks of the lists can be used (default all): the grid's static bound."""
     e, n2, k = w.shape
     i = n2 // 2
-    wargs = _weight_args(w)
-    cfg = tuning.config("gate_up", i, k, wargs[-2], num_tokens, bm, block_expert.numel(),
-                        wargs[-1] if wargs[-2] else None)
+    num_blocks = num_blocks or block_expert.numel()
+    kwidth = mma_kwidth(x.device)
+    wt = _weight(w, 2, act, kwidth)
+    cfg = tuning.config("gate_up", i, k, wt.quant, num_tokens, bm, num_blocks, wt.group if wt.quant else None,
+                        x.device)
+    _check_tile(wt, cfg)
     inter = _alloc(max(num_pairs, 1), i, dtype=x.dtype, device=x.device)
     in_scale, stride_ie, has_in_scale = _input_scale_args(w, x)
-    grid = (block_expert.numel(), triton.cdiv(i, cfg.BLOCK_N))
-    gate_up_kernel[grid](
-        x, *wargs[:3], b if b is not None else x, in_scale, inter, sorted_pairs, block_expert,
-        num_pairs, k, i, x.stride(0), *wargs[3:9], b.stride(0) if b is not None else 0, stride_ie, inter.stride(0),
-        float(act.alpha), float(act.limit),
-        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, QUANT=wargs[-2], GROUP=wargs[-1],
-        ACT=ACT[act.kind], HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, USE_DOT=bm >= 16,
-        DOT_FP32=_dot_fp32(x, w),
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
+    split = triton.cdiv(k, k_per_split)
+    num_n = triton.cdiv(i, cfg.BLOCK_N)
+    if split > 1:
+        ws = _alloc(num_blocks * num_n * split * 2 * cfg.BLOCK_N * max(bm, 16), dtype=torch.float32, device=x.device)
+        counts = _counters(x.device, _stream_key(x.device), num_blocks * num_n)
+    else:
+        ws, counts = x, x  # unused
+    asm = _asm(x, wt)
+    gate_up_kernel[(num_blocks * num_n, split)](
+        x, _word_view(wt, asm), wt.scales, wt.zeros, b if b is not None else x, in_scale, inter, ws, counts,
+        sorted_pairs, block_expert,
+        num_pairs, num_blocks, k, i, k_per_split, wt.num_groups, x.stride(0), *wt.strides, *wt.meta_strides,
+        b.stride(0) if b is not None else 0, stride_ie, inter.stride(0), float(act.alpha), float(act.limit),
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, GROUP_M=cfg.GROUP_M,
+        QUANT=wt.quant, GROUP=wt.group, ACT=ACT[act.kind], HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale,
+        DOT_FP32=_dot_fp32(x, w), ASM=asm, GROUPED=_grouped(wt, cfg), FACTORED=cfg.FACTORED,
+        EVEN_N=i % cfg.BLOCK_N == 0,
+        EVEN_K=k % cfg.BLOCK_K == 0 and k_per_split % cfg.BLOCK_K == 0, KW=kwidth,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return inter
 
 
-def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, num_tokens):
+def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, num_tokens, num_blocks=None):
     """GEMM 2 -> part [SPLIT_K, num_pairs, H] fp32, each row times its routing weight (skipped pairs unwritten)."""
     e, n, k = w.shape
-    wargs = _weight_args(w)
-    cfg = tuning.config("down", n, k, wargs[-2], num_tokens, bm, block_expert.numel(),
-                        wargs[-1] if wargs[-2] else None)
+    num_blocks = num_blocks or block_expert.numel()
+    kwidth = mma_kwidth(inter.device)
+    wt = _weight(w, 1, None, kwidth)
+    cfg = tuning.config("down", n, k, wt.quant, num_tokens, bm, num_blocks, wt.group if wt.quant else None,
+                        inter.device)
+    _check_tile(wt, cfg)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
     split = triton.cdiv(k, k_per_split)
     part = _alloc(split, max(num_pairs, 1), n, dtype=torch.float32, device=inter.device)
     in_scale, stride_ie, has_in_scale = _input_scale_args(w, inter)
-    grid = (block_expert.numel(), triton.cdiv(n, cfg.BLOCK_N), split)
-    down_kernel[grid](
-        inter, *wargs[:3], b if b is not None else inter, in_scale, pair_weights, part, sorted_pairs, block_expert,
-        num_pairs, k, n, k_per_split, inter.stride(0), *wargs[3:9], b.stride(0) if b is not None else 0,
-        stride_ie, part.stride(0), part.stride(1),
-        BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, QUANT=wargs[-2], GROUP=wargs[-1],
-        HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, USE_DOT=bm >= 16, DOT_FP32=_dot_fp32(inter, w),
+    asm = _asm(inter, wt)
+    down_kernel[(num_blocks * triton.cdiv(n, cfg.BLOCK_N), split)](
+        inter, _word_view(wt, asm), wt.scales, wt.zeros, b if b is not None else inter, in_scale, pair_weights, part,
+        sorted_pairs, block_expert,
+        num_pairs, num_blocks, k, n, k_per_split, wt.num_groups, inter.stride(0), *wt.strides, *wt.meta_strides,
+        b.stride(0) if b is not None else 0, stride_ie, part.stride(0), part.stride(1),
+        BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, QUANT=wt.quant, GROUP=wt.group,
+        HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, DOT_FP32=_dot_fp32(inter, w), ASM=asm,
+        GROUPED=_grouped(wt, cfg), FACTORED=cfg.FACTORED, EVEN_N=n % cfg.BLOCK_N == 0,
+        EVEN_K=k % cfg.BLOCK_K == 0 and k_per_split % cfg.BLOCK_K == 0, KW=kwidth,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part
 
 
-def slot_sum(part, ids, out_dtype):
+def slot_sum(part, ids, out_dtype, num_experts: int):
     split, _, n = part.shape
     t, k = ids.shape
     out = _alloc(t, n, dtype=out_dtype, device=part.device)
     block_n = min(1024, triton.next_power_of_2(n))
-    slot_sum_kernel[(t, triton.cdiv(n, block_n))](part, ids, out, n, part.stride(0), part.stride(1), out.stride(0),
-                                                  TOP_K=k, SPLIT_K=split, BLOCK_N=block_n)
+    slot_sum_kernel[(t, triton.cdiv(n, block_n))](part, ids, out, n, num_experts, part.stride(0), part.stride(1),
+                                                  out.stride(0), TOP_K=k, SPLIT_K=split, BLOCK_N=block_n)
     return out
 
 
@@ -323,15 +856,19 @@ def moe_experts(x, ids, weights, w_gate_up, w_down, b_gate_up=None, b_down=None,
                 block_m: int | None = None):
     """reference.moe_experts in Triton. x [T, H]; ids, weights [T, k] (NO_EXPERT = -1 not computed); w_gate_up
     [E, 2I, H] and w_down [E, H, I] dense (any strides) or Quant4; biases [E, 2I], [E, H]. Returns [T, H] in x's
-    dtype. Every launch's grid follows from the shapes alone: no host sync, CUDA-graph and torch.compile safe."""
+    dtype. Every launch's grid follows from the shapes alone: no host sync, CUDA-graph and torch.compile safe.
+    Launches: align, gate_up, down, slot_sum (and a cast where ids are not int32 already)."""
     num_tokens, top_k = ids.shape
     num_experts = w_gate_up.shape[0]
     x = x.contiguous()
-    ids32 = ids.to(torch.int32).contiguous()
+    ids32 = ids if ids.dtype == torch.int32 else ids.to(torch.int32)
+    ids32 = ids32.contiguous()
     num_pairs = num_tokens * top_k
     bm = block_m or tuning.block_m(num_tokens, top_k, num_experts)
     sorted_pairs, block_expert, _ = routing.align_block_size(ids32, num_experts, bm)
+    num_blocks = routing.max_blocks(num_pairs, num_experts, bm)
     pair_weights = weights.reshape(-1).contiguous()
-    inter = gate_up(x, w_gate_up, b_gate_up, act, sorted_pairs, block_expert, num_pairs, top_k, bm, num_tokens)
-    part = down(inter, w_down, b_down, pair_weights, sorted_pairs, block_expert, num_pairs, bm, num_tokens)
-    return slot_sum(part, ids32, x.dtype)
+    inter = gate_up(x, w_gate_up, b_gate_up, act, sorted_pairs, block_expert, num_pairs, top_k, bm, num_tokens,
+                    num_blocks)
+    part = down(inter, w_down, b_down, pair_weights, sorted_pairs, block_expert, num_pairs, bm, num_tokens, num_blocks)
+    return slot_sum(part, ids32, x.dtype, num_experts)

@@ -1,19 +1,20 @@
 """Triton routing: router logits -> (weights, expert ids) -> the work lists of the grouped GEMM.
 
 Two kernels, no host sync between them, every shape fixed by (tokens, experts, top_k, block_m) alone, so the pair of
-launches is fit for a CUDA graph (not yet checked on a GPU):
+launches is fit for a CUDA graph:
 
   route_kernel   one program per BLOCK_T tokens, the token's whole logit row in registers: the family's scoring,
                  the alive mask, DeepSeek's groups, top-k by k rounds of argmax, renormalisation, scaling, and the
                  per-token skip (a skipped slot gets NO_EXPERT, so it is never computed). Oracle: reference.route.
-  align_kernel   one program: the (token, slot) pairs sorted by expert (stable), each expert's run padded to
-                 block_m, the expert of each block, the number of rows used. Oracle: reference.align_block_size
-                 (same contract as csrc/moe_align.cu). A dropped expert or a skipped slot has no pair, so no block.
+  align_kernel   one program per expert: the (token, slot) pairs sorted by expert (stable), each expert's run padded
+                 to block_m, the expert of each block, the number of rows used. Oracle: reference.align_block_size.
+                 A dropped expert or a skipped slot has no pair, so no block; nor has an id past the experts.
 
-Why one program for align: the batches are small (decode: k pairs a token; a 2048-token prefill with k=8 is 16K
-pairs) and a single program needs no grid-wide synchronisation; the stable placement is a cumulative sum of a
-one-hot [CHUNK, E] matrix per chunk of pairs, so it is deterministic and atomics-free. Its cost grows with pairs x
-experts; for a long prefill on 256 experts a multi-program version (counts, scan, place) would be the next step.
+Why a program per expert and no grid-wide step: every program counts all pairs (a histogram, the same in each), so
+none waits for another, and each writes only its own run; placement is a cumulative sum over the pairs in order, so
+the result is deterministic and atomics-free. The counting is repeated E times, but it is a histogram of the pairs,
+a few microseconds even at a 2048-token prefill on 256 experts, spread over E programs instead of one looping over
+the experts.
 """
 
 import torch
@@ -28,12 +29,12 @@ SCORING = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}
 
 @triton.jit
 def route_kernel(
-    logits_ptr, alive_ptr, bias_ptr, weights_ptr, ids_ptr,
+    logits_ptr, alive_ptr, bias_ptr, row_ptr, weights_ptr, ids_ptr,
     num_tokens, num_experts, stride_t, scaling, beta,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SCORING: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_ALIVE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOP2: tl.constexpr, G_PAD: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
+    HAS_SKIP: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
@@ -44,7 +45,7 @@ def route_kernel(
     # dead: a dropped expert, or a padding column. It is out of every step, as if the router had no row for it.
     dead = ~e_ok
     if HAS_ALIVE:
-        dead = dead | (tl.load(alive_ptr + e, mask=e_ok, other=0) == 0)
+        dead = dead | (tl.load(alive_ptr + e, mask=e_ok, other=0).to(tl.int32) == 0)
     dead2 = dead[None, :] | tl.zeros((BLOCK_T, E_PAD), tl.int1)  # broadcast to [BLOCK_T, E_PAD]
 
     if SCORING == 2:  # GPT-OSS: choose on the logits, softmax over the k afterwards
@@ -139,13 +140,20 @@ def route_kernel(
 
     out = t[:, None] * TOP_K + s[None, :]
     ok = t_ok[:, None] & (s[None, :] < TOP_K)
+    if HAS_ROWS:  # original expert id -> the row it is stored at (Expert Drop slices the weights); NO_EXPERT stays
+        ids = tl.where(ids >= 0, tl.load(row_ptr + ids, mask=ok & (ids >= 0), other=-1).to(tl.int32), -1)
     tl.store(weights_ptr + out, w, mask=ok)
     tl.store(ids_ptr + out, ids, mask=ok)
 
 
 def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = None,
-          correction_bias: torch.Tensor | None = None, skip_beta: float | None = None, block_t: int = 16):
-    """reference.route on the GPU: logits [T, E] -> (weights [T, k] fp32, ids [T, k] int32, NO_EXPERT = -1)."""
+          correction_bias: torch.Tensor | None = None, skip_beta: float | None = None, block_t: int = 16,
+          expert_row: torch.Tensor | None = None):
+    """reference.route on the GPU: logits [T, E] -> (weights [T, k] fp32, ids [T, k] int32, NO_EXPERT = -1).
+
+    expert_row [E] (int32 or int64): where each original expert is stored after Expert Drop sliced the weights
+    (NO_EXPERT for a dropped one); the ids returned are then storage rows, mapped in the same launch (a caller that
+    remaps ids itself pays four more kernel launches a layer)."""
     num_tokens, num_experts = logits.shape
     k = spec.top_k
     if spec.n_group > 1 and num_experts % spec.n_group:
@@ -155,21 +163,28 @@ def route(logits: torch.Tensor, spec: RouterSpec, alive: torch.Tensor | None = N
     ids = _alloc(num_tokens, k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-    alive_t = alive.to(torch.int8).contiguous() if alive is not None else logits  # dummy pointer when absent
+    # bool or int8 alive masks are read as they are (no cast kernel); logits stand in for absent tensors
+    alive_t = (alive if alive.dtype in (torch.bool, torch.int8) else alive.to(torch.int8)).contiguous() \
+        if alive is not None else logits
     bias_t = correction_bias.float().contiguous() if correction_bias is not None else logits
+    rows_t = expert_row.contiguous() if expert_row is not None else logits
     has_skip = skip_beta is not None and skip_beta > 0
     e_pad = triton.next_power_of_2(num_experts)
-    # A whole logit row lives in registers: keep BLOCK_T x E_PAD near 4K elements per program.
-    block_t = max(1, min(block_t, triton.next_power_of_2(num_tokens), 4096 // e_pad or 1))
+    # A whole logit row lives in registers, in some eight [BLOCK_T, E_PAD] tensors at once: keep each at 8 elements
+    # a thread (2K elements over 8 warps), so that DeepSeek-V3's 256 experts in groups fit (ptxas, sm_90: 80
+    # registers; 16 tokens a program took 254).
+    block_t = max(1, min(block_t, triton.next_power_of_2(num_tokens), 2048 // e_pad or 1))
+    warps = max(4, min(8, block_t * e_pad // 256))
     grid = (triton.cdiv(num_tokens, block_t),)
     route_kernel[grid](
-        logits, alive_t, bias_t, weights, ids,
+        logits, alive_t, bias_t, rows_t, weights, ids,
         num_tokens, num_experts, logits.stride(0), float(spec.scaling), float(skip_beta or 0.0),
         TOP_K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BLOCK_T=block_t,
         SCORING=SCORING[spec.scoring], RENORMALIZE=spec.renormalize and spec.scoring != "topk_softmax",
         HAS_ALIVE=alive is not None, HAS_BIAS=correction_bias is not None and spec.scoring != "topk_softmax",
         N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, GROUP_TOP2=spec.group_score == "top2_sum",
-        G_PAD=triton.next_power_of_2(spec.n_group), HAS_SKIP=has_skip,
+        G_PAD=triton.next_power_of_2(spec.n_group), HAS_SKIP=has_skip, HAS_ROWS=expert_row is not None,
+        num_warps=warps,
     )
     return weights, ids
 
@@ -183,48 +198,50 @@ def align_kernel(
     num_pairs, num_experts, max_padded,
     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    e = tl.arange(0, E_PAD)
+    """One program per expert. Each counts every expert's pairs (a histogram: the same numbers in every program, so
+    no program waits for another), takes its run's start from their padded prefix sum, and writes its own run: its
+    pairs in pair order, its padding, its blocks. The rows and blocks past the used ones are shared out."""
+    me = tl.program_id(0)
+    programs = tl.num_programs(0)
     c = tl.arange(0, CHUNK)
-    # Pass 1: pairs per expert. Negative ids (skipped, empty) and ids past num_experts match no column.
+    # Pass 1: pairs per expert. Ids outside 0..num_experts - 1 (skipped slots, empty ones) count in the spare bin
+    # E_PAD - 1, never an expert's (E_PAD > num_experts).
     counts = tl.zeros((E_PAD,), tl.int32)
     for base in range(0, num_pairs, CHUNK):
         ex = tl.load(expert_ptr + base + c, mask=base + c < num_pairs, other=-1)
-        counts += tl.sum((ex[:, None] == e[None, :]).to(tl.int32), axis=0)
+        counts += tl.histogram(tl.where((ex >= 0) & (ex < num_experts), ex, E_PAD - 1), E_PAD)
+    e = tl.arange(0, E_PAD)
     counts = tl.where(e < num_experts, counts, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
     total = tl.sum(padded, axis=0)
-    tl.store(num_padded_ptr, total)
-
-    # Pass 2: each pair's row = its expert's start + the pairs of that expert before it (stable order).
-    running = tl.zeros((E_PAD,), tl.int32)
-    for base in range(0, num_pairs, CHUNK):
-        pair = base + c
-        ex = tl.load(expert_ptr + pair, mask=pair < num_pairs, other=-1)
-        onehot = ((ex[:, None] == e[None, :]) & (e < num_experts)[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, axis=0) - 1 + (starts + running)[None, :]
-        row = tl.sum(onehot * rank, axis=1)
-        tl.store(sorted_ptr + row, pair, mask=tl.sum(onehot, axis=1) > 0)
-        running += tl.sum(onehot, axis=0)
-
-    # Pass 3: the rows no pair took point past the end: each run's padding (under BLOCK_M rows an expert), then
-    # every row past the used ones. Disjoint from the rows of pass 2, so no ordering between the passes is needed.
-    m = tl.arange(0, BLOCK_M)
-    for ex in range(0, num_experts):
-        mine = e == ex
-        pad_from = tl.sum(tl.where(mine, starts + counts, 0), axis=0)
-        pad_to = tl.sum(tl.where(mine, ends, 0), axis=0)
-        tl.store(sorted_ptr + pad_from + m, tl.zeros((BLOCK_M,), tl.int32) + num_pairs, mask=pad_from + m < pad_to)
-    for base in range(total, max_padded, CHUNK):
+    mine = e == me
+    start = tl.sum(tl.where(mine, ends - padded, 0), axis=0)
+    count = tl.sum(tl.where(mine, counts, 0), axis=0)
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    if me == 0:
+        tl.store(num_padded_ptr, total)
+    if count > 0:
+        # Pass 2: my pairs, in pair order (stable): row = start + the pairs of mine before it
+        running = start
+        for base in range(0, num_pairs, CHUNK):
+            pair = base + c
+            hit = (tl.load(expert_ptr + pair, mask=pair < num_pairs, other=-1) == me).to(tl.int32)
+            tl.store(sorted_ptr + running + tl.cumsum(hit, axis=0) - 1, pair, mask=hit > 0)
+            running += tl.sum(hit, axis=0)
+        # my run's padding (under BLOCK_M rows) points past the last pair; my blocks are mine
+        m = tl.arange(0, BLOCK_M)
+        pad = start + count + m
+        tl.store(sorted_ptr + pad, tl.zeros((BLOCK_M,), tl.int32) + num_pairs, mask=pad < end)
+        for b in range(start // BLOCK_M, end // BLOCK_M, CHUNK):
+            tl.store(block_expert_ptr + b + c, tl.zeros((CHUNK,), tl.int32) + me, mask=b + c < end // BLOCK_M)
+    # Rows past the used ones point past the last pair, blocks past them have no expert (-1): chunks dealt out
+    # round-robin to the programs.
+    for base in range(total + me * CHUNK, max_padded, programs * CHUNK):
         tl.store(sorted_ptr + base + c, tl.zeros((CHUNK,), tl.int32) + num_pairs, mask=base + c < max_padded)
-    # The expert of each block: the first expert whose run ends after the block's first row; -1 past the used rows.
     num_blocks = max_padded // BLOCK_M
-    for base in range(0, num_blocks, CHUNK):
-        b = base + c
-        row = b * BLOCK_M
-        owner = tl.sum((ends[None, :] <= row[:, None]).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(row < total, owner, -1), mask=b < num_blocks)
+    for base in range(total // BLOCK_M + me * CHUNK, num_blocks, programs * CHUNK):
+        tl.store(block_expert_ptr + base + c, tl.full((CHUNK,), -1, tl.int32), mask=base + c < num_blocks)
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -232,8 +249,18 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return max(triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m, block_m)
 
 
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """How many blocks any routing of num_pairs pairs can use: each expert's run takes floor(count / block_m) full
+    blocks and at most one partial block, and at most min(experts, pairs) experts have pairs. Tighter than
+    max_padded_rows / block_m where pairs are few (decode: 8 pairs on 256 experts use at most 8 blocks, not 241): the
+    GEMM grids use it, and align_block_size marks the blocks past it -1 like every unused block."""
+    return max(1, min(max_padded_rows(num_pairs, num_experts, block_m) // block_m,
+                      num_pairs // block_m + min(num_experts, num_pairs)))
+
+
 def align_block_size(expert_of_pair: torch.Tensor, num_experts: int, block_m: int):
-    """reference.align_block_size on the GPU: (sorted_pairs, block_expert, num_padded), all int32, static shapes."""
+    """reference.align_block_size on the GPU: (sorted_pairs, block_expert, num_padded), all int32, static shapes.
+    One launch, one program per expert."""
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, not {block_m}")
     pairs = expert_of_pair.reshape(-1)
@@ -246,12 +273,11 @@ def align_block_size(expert_of_pair: torch.Tensor, num_experts: int, block_m: in
     sorted_pairs = _alloc(max_padded, dtype=torch.int32, device=device)
     block_expert = _alloc(max_padded // block_m, dtype=torch.int32, device=device)
     num_padded = _alloc(1, dtype=torch.int32, device=device)
-    e_pad = triton.next_power_of_2(max(num_experts, 2))
-    # a [CHUNK, E_PAD] one-hot (and its cumulative sum) per step: 4K elements over 8 warps, no spills (ptxas, sm_90)
-    chunk = max(16, min(256, 4096 // e_pad))
-    align_kernel[(1,)](pairs, sorted_pairs, block_expert, num_padded, n, num_experts, max_padded,
-                       BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
+    e_pad = triton.next_power_of_2(num_experts + 1)  # one spare bin for ids that name no expert
+    chunk = max(32, min(1024, triton.next_power_of_2(max(n, 1))))
+    align_kernel[(num_experts,)](pairs, sorted_pairs, block_expert, num_padded, n, num_experts, max_padded,
+                                 BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=4)
     return sorted_pairs, block_expert, num_padded
 
 
-__all__ = ["route", "align_block_size", "max_padded_rows", "NO_EXPERT"]
+__all__ = ["route", "align_block_size", "max_padded_rows", "max_blocks", "NO_EXPERT"]

@@ -1,17 +1,20 @@
 """Launch parameters of the grouped MoE GEMM, per shape, from a small table with a fallback.
 
-A config depends only on host-known shapes (tokens, top_k, experts, N, K, 4-bit or not), never on the routing, so
-choosing one costs no device sync and stays fixed across the replays of a CUDA graph.
+A config depends only on host-known shapes (tokens, top_k, experts, N, K, 4-bit or not, dtype), never on the
+routing, so choosing one costs no device sync and stays fixed across the replays of a CUDA graph.
 
-BLOCK_M is shared by both GEMMs of one call (they read the same work lists); it follows the expected pairs per expert,
-pairs / experts. Under 16 rows the kernel takes its decode path (no tl.dot: a broadcast multiply and a sum over K,
-a GEMV over a few rows) and the down GEMM splits K when the grid would leave most SMs idle. The split-K partial sums
-are reduced in a fixed order by the slot-sum kernel, so the result stays deterministic.
+BLOCK_M is shared by both GEMMs of one call (they read the same work lists); it follows the expected pairs per
+expert, pairs / experts. The kernels compute out^T = W @ x^T, so BLOCK_M is the MMA's N: 16 at decode (its smallest
+width on the tensor cores: one to 16 rows an expert cost the same), up to 128 rows at prefill. Each GEMM splits K
+when its grid would leave SMs short of two programs each; the partial sums are reduced in a fixed order (gate_up by
+the tile's last program, down by the slot-sum kernel), so the result stays deterministic.
 
-TABLE entries are placeholders until measured on a lent GPU (benchmarks/bench_moe_gemm.py): the keys name the
-model shapes of the benchmark, the values are the fallback's choice unless a measurement said otherwise.
+The fallback is chosen from the static report of the compiled kernels (python -m moekern.ops.compile_check --sass:
+instructions per K step, registers, spills, shared memory on sm_90 and sm_80), not from timings. TABLE entries go
+here once a GPU measures them (benchmarks/bench_moe_gemm.py); an absent key falls back.
 """
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import triton
@@ -24,60 +27,126 @@ class GemmConfig:
     SPLIT_K: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    GROUP_M: int = 8
+    # 4-bit, K steps of whole groups: each group's MMA result is multiplied by its scales (acc += (Wq @ x^T) * s);
+    # otherwise the scales multiply each weight in the dequantization, and the MMAs accumulate in place (in flight).
+    FACTORED: bool = True
 
 
 # (op, N, K, quant, tokens-bucket) -> config; op is "gate_up" (N = I, the intermediate width) or "down" (N = H).
-# Measured entries go here; an absent key falls back to `fallback`.
 TABLE: dict[tuple, GemmConfig] = {}
 
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 2048)
-NUM_SMS = 132  # H100/H200; only sizes the split-K choice
+NUM_SMS = 132  # H100/H200; sizes the split-K choice where no GPU says otherwise
+DECODE_ROWS = 16  # the MMA's smallest N on the tensor cores (wgmma n16, two mma.sync n8)
+QUANT_K = 64  # a 4-bit K step reads whole 64-k blocks of the tensor-core layout (moe_gemm.mma_pack)
 
 
 def group_size_supported(group: int) -> bool:
-    """The 4-bit kernels read one scale row per K step and tl.dot needs K steps of 16 or more: power-of-two groups
-    of at least 16 (16, 32, 64, 128...)."""
+    """The 4-bit kernels read whole scale rows per 16-k step and tl.dot needs K steps of 16 or more: power-of-two
+    groups of at least 16 (16, 32, 64, 128...)."""
     return group >= 16 and group & (group - 1) == 0
 
 
 def block_m(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Rows per block of the work lists: about the pairs an expert gets, between 1 and 64, a power of two."""
+    """Rows per block of the work lists: about the pairs an expert gets, a power of two from 16 to 128."""
     per_expert = max(1, num_tokens * top_k // max(1, num_experts))
-    if per_expert <= 8:
-        return min(8, triton.next_power_of_2(per_expert))  # decode path: 1, 2, 4 or 8 rows, no wasted padding
-    return 16 if per_expert <= 32 else (32 if per_expert <= 128 else 64)
+    if per_expert <= DECODE_ROWS:
+        return DECODE_ROWS
+    return 32 if per_expert <= 48 else (64 if per_expert <= 96 else 128)
 
 
 def bucket(num_tokens: int) -> int:
     return next((b for b in TOKEN_BUCKETS if num_tokens <= b), TOKEN_BUCKETS[-1])
 
 
-def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num_blocks: int) -> GemmConfig:
-    """Chosen from ptxas's resource report for sm_90 (python -m moekern.ops.compile_check --resources, and the
-    sweep in the report of issue 5), not from timings: no variant below spills. gate_up carries two accumulators
-    (gate and up), so it gets 8 warps and stays 64 wide; at BLOCK_N 128 and 64 rows it spilled."""
-    if bm < 16:  # GEMV tiles: the [BM, BK, BN] product lives in registers, so keep it at 8K elements:
-        # BLOCK_K 128, 64, 32, 16 for 1, 2, 4, 8 rows
-        cfg = GemmConfig(BLOCK_N=64, BLOCK_K=max(16, 8192 // (64 * bm)), num_warps=8 if op == "gate_up" else 4,
-                         num_stages=2)
+# (arch, SMs) to plan for instead of the device at hand: compile_check plans sm_80 and sm_90 launches on a CPU
+_TARGET: tuple[int, int] | None = None
+SMS = {80: 108, 90: 132}  # A100, H100/H200
+
+
+@contextlib.contextmanager
+def planning_for(arch: int, sms: int | None = None):
+    """Choose launches as for a GPU of compute capability `arch` (80, 90...) with `sms` SMs."""
+    global _TARGET
+    saved, _TARGET = _TARGET, (arch, sms or SMS.get(arch, NUM_SMS))
+    try:
+        yield
+    finally:
+        _TARGET = saved
+
+
+def _device_props(device):
+    import torch
+
+    if device is not None and getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device)
+    return None
+
+
+def target_arch(device=None) -> int:
+    """Compute capability x 10 of the GPU the launch is for (90 where there is none: the interpreter)."""
+    if _TARGET is not None:
+        return _TARGET[0]
+    props = _device_props(device)
+    return props.major * 10 + props.minor if props is not None else 90
+
+
+def num_sms(device=None) -> int:
+    if _TARGET is not None:
+        return _TARGET[1]
+    props = _device_props(device)
+    return props.multi_processor_count if props is not None else NUM_SMS
+
+
+def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num_blocks: int,
+             group_size: int | None = None, device=None) -> GemmConfig:
+    """From the static report (python -m moekern.ops.compile_check --sass): every variant below keeps its loop free
+    of spills on sm_90 and sm_80.
+
+    Decode (BLOCK_M 16, the MMA's N): one warpgroup. 4-bit: K steps of two groups (256 k at group 128), gate_up 64
+    rows a half (136 registers, two CTAs an SM; 128 rows issue 9% fewer instructions a byte but take 254 registers,
+    one CTA), down 128 rows (two m64 blocks a warpgroup: the per-step cost is shared by twice the weights); groups of
+    64 (GPT-OSS) take 128 rows in both. bf16: 64 rows, K steps of 128. Prefill: 128 weight rows over two warpgroups
+    (a weight is decoded once, not once per warpgroup), K steps of 64 (bf16) or one group of at most 128 (4-bit)."""
+    if bm <= DECODE_ROWS:
+        wide = quant and (op == "down" or (group_size or 0) < 128)
+        cfg = GemmConfig(BLOCK_N=128 if wide else 64, BLOCK_K=128, num_warps=4, num_stages=4)
     else:
-        wide = op == "down" and bm >= 64
-        cfg = GemmConfig(BLOCK_N=128 if wide else 64, BLOCK_K=64, num_warps=8, num_stages=3)
-    if op == "down":
-        programs = num_blocks * triton.cdiv(n, cfg.BLOCK_N)
-        split = 1
-        while programs * split * 2 <= NUM_SMS * 2 and k // (split * 2) >= 4 * cfg.BLOCK_K and split < 8:
-            split *= 2
-        cfg = replace(cfg, SPLIT_K=split)
-    return cfg
+        cfg = GemmConfig(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FACTORED=False)
+        if op == "gate_up" and bm >= 128 and not quant and target_arch(device) < 90:
+            cfg = replace(cfg, BLOCK_N=64)  # mma.sync's accumulators of two 128 x 128 tiles spill (GPT-OSS's epilogue)
+    if quant and group_size is not None:
+        # Whole groups a K step where the groups are 64 or wider (two of 64 or 128, one of 256): at decode each
+        # group's MMA result is multiplied by its scales (fewest instructions); at prefill the scales go into the
+        # dequantization and the MMAs accumulate in place, in flight. 16- and 32-wide groups: 64-k steps.
+        grouped = QUANT_K <= group_size <= 256
+        decode = bm <= DECODE_ROWS
+        steps = min(2 * group_size, 256) if decode else min(group_size, 128)
+        if not decode and target_arch(device) < 90:  # mma.sync needs more registers a tile: 128-k steps spill
+            steps = QUANT_K
+        cfg = replace(cfg, BLOCK_K=steps if grouped else QUANT_K, FACTORED=grouped and decode)
+    # Decode tiles split K until the grid gives every SM two programs, keeping at least two K steps a split. (Compute
+    # tiles do not: their grids are large at real batch sizes, and gate_up's split epilogue, which sums two 128 x 128
+    # partials, spills there.)
+    programs = num_blocks * triton.cdiv(n, cfg.BLOCK_N)
+    split, sms = 1, num_sms(device)
+    while bm <= DECODE_ROWS and programs * split < 2 * sms and k // (split * 2) >= 2 * cfg.BLOCK_K and split < 8:
+        split *= 2
+    return replace(cfg, SPLIT_K=split)
 
 
 def config(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num_blocks: int,
-           group_size: int | None = None) -> GemmConfig:
-    cfg = TABLE.get((op, n, k, quant, bucket(num_tokens))) or fallback(op, n, k, quant, num_tokens, bm, num_blocks)
-    # Keep BLOCK_K within the problem and, for 4-bit, inside one quantization group (one scale row per K step).
+           group_size: int | None = None, device=None) -> GemmConfig:
+    cfg = TABLE.get((op, n, k, quant, bucket(num_tokens))) or fallback(op, n, k, quant, num_tokens, bm, num_blocks,
+                                                                      group_size, device)
+    # Keep the tile within the problem; 4-bit K steps are whole 64-k blocks of the tensor-core layout, and a factored
+    # scale needs the step inside one group.
     bk = min(cfg.BLOCK_K, max(16, triton.next_power_of_2(k)))
-    if group_size is not None:
-        bk = min(bk, group_size)
     bn = min(cfg.BLOCK_N, max(16, triton.next_power_of_2(n)))
-    return replace(cfg, BLOCK_K=bk, BLOCK_N=bn)
+    factored = cfg.FACTORED and quant
+    if quant:
+        bk = max(QUANT_K, bk)
+        factored = factored and group_size is not None and bk % group_size == 0 and bk // group_size <= 2
+        factored = factored and group_size >= QUANT_K
+    return replace(cfg, BLOCK_K=bk, BLOCK_N=bn, FACTORED=factored)

@@ -381,7 +381,7 @@ def _read_linear(shards: _Shards, key: str, k: int, n: int, hq: HubQuant, dtype,
 # ----------------------------------------------------------------------------------------------------------------------
 def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=None, checkpoint_format: str = "gptq",
                           round_scales: bool = False, allow_zero_v1: bool = False,
-                          max_shard_bytes: int | None = None) -> Path:
+                          max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
     """Write a moekern 4-bit model as a hub-format folder: fmt "awq" (AutoAWQ GEMM) or "gptq" (checkpoint_format
     "gptq" = v1 or "gptq_v2"), in transformers 4 per-expert naming, with the matching quantization_config, that
     load_quantized_folder reads back exactly.
@@ -391,7 +391,8 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
     per-expert scale: RTN and GPTQ models, or AWQ models whose scales were all folded). Scales are stored as float16
     (the formats' type): a model quantized in float32 has scales float16 cannot hold exactly, refused unless
     round_scales. GPTQ v1 cannot store a zero point of 0 (refused unless allow_zero_v1; use "gptq_v2").
-    max_shard_bytes: split the weights into shards with a model.safetensors.index.json."""
+    max_shard_bytes: split the weights into shards with a model.safetensors.index.json. The folder is written as
+    moekern.save writes (moekern.folders: an existing moekern model is replaced only with overwrite=True)."""
     from safetensors.torch import save_file
 
     from moekern.checkpoint import config_for_disk
@@ -512,9 +513,10 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
             "checkpoint_format": checkpoint_format, "modules_in_block_to_quantize": [in_block],
         }
-    from moekern.checkpoint import atomic_folder
+    from moekern import folders
 
-    with atomic_folder(path) as tmp:
+    source = getattr(model.config, "_name_or_path", None)
+    with folders.replaced_folder(path, folders.MODEL, overwrite=overwrite, sources=[source]) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
