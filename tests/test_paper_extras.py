@@ -149,3 +149,24 @@ def test_table_rows_share_their_slimming_step_exactly(shipped, monkeypatch):
         with torch.no_grad():
             assert torch.equal(shared(input_ids=x).logits, alone(input_ids=x).logits)
     assert shared_slimming == 2  # rtn4 once for both ST rows, and once after trimming in the TS row
+
+
+def test_the_sweep_figure_has_a_row_per_metric_that_was_run(tmp_path, monkeypatch):
+    """A perplexity-only run (--tasks moekern_heldout_ppl) draws perplexity alone, not an empty accuracy row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moekern.bench import paper_figures
+
+    shapes = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda rows, cols, **k: shapes.append((rows, cols)) or subplots(rows, cols, **k))
+    point = {"n": 1, "results": {harness.HELDOUT_PPL: 80.0, harness.HELDOUT_MC: 0.3}}
+    for tasks, rows in (([], 1), ([harness.HELDOUT_MC], 2)):
+        content = {"tasks": tasks, "settings": {"model": "shipped"}, "rows": [{"row": 0, "perplexity": 75.0}],
+                   "extras": {"sweeps": {"none": [{"n": 0, "results": {harness.HELDOUT_PPL: 75.0}}],
+                                         "layer-drop:oneshot": [point]}}}
+        assert paper_figures.plot_sweeps(content, tmp_path / f"{rows}.png").stat().st_size > 0
+        assert shapes[-1] == (rows, 3)

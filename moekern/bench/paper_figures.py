@@ -227,7 +227,7 @@ def plot_sweeps(content: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     sweeps = content["extras"]["sweeps"]
-    tasks = [t for t in content["tasks"]] or [HELDOUT_MC]
+    tasks = list(content["tasks"])  # only what was run: a perplexity-only run (--tasks moekern_heldout_ppl) has one row
     base = _baseline(content)
     none = (sweeps.get("none") or [{}])[0].get("results", {})
     fig, axes = plt.subplots(1 + len(tasks), 3, figsize=(15, 3.6 * (1 + len(tasks))), squeeze=False)
