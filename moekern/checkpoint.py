@@ -75,16 +75,29 @@ def load_pretrained(
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise MoekernError(
-                f"{str(path)!r} needs custom modeling code. moekern never runs remote code unless you pass "
-                f"--trust-remote-code (trust_remote_code=True) and have read that code."
-            ) from exc
-        raise MoekernError(f"could not load {str(path)!r}: {exc}") from exc
+        raise _load_error(path, exc) from exc
     except (OSError, RuntimeError, SafetensorError) as exc:  # what safetensors raises for a corrupt shard
         raise MoekernError(f"could not load {str(path)!r}: {exc}. Is a weight shard missing or corrupt?") from exc
     folders.check_finite(model.state_dict().items(), f"weights of {str(path)!r}")
+    from moekern.models import FAMILIES, adopt
+
+    if getattr(model.config, "model_type", None) in FAMILIES:
+        adopt(model)  # DeepSeek-MoE's remote blocks become moekern's (the output is unchanged)
     return model.to(device).eval(), tokenizer
+
+
+def _load_error(path: Path, exc: ValueError) -> MoekernError:
+    if "trust_remote_code" in str(exc):
+        return MoekernError(
+            f"{str(path)!r} needs custom modeling code. moekern never runs remote code unless you pass "
+            f"--trust-remote-code (trust_remote_code=True) and have read that code."
+        )
+    return MoekernError(f"could not load {str(path)!r}: {exc}")
+
+
+def is_remote_code(obj) -> bool:
+    """Whether a model or config class came from a checkpoint's own Python files (transformers' dynamic modules)."""
+    return type(obj).__module__.startswith("transformers_modules")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,7 +109,8 @@ WEIGHTS = "model.safetensors"
 def save(model, path: str | Path, tokenizer=None, *, overwrite: bool = False, add_files=None) -> Path:
     """Write a (compressed) model to `path`: config.json with the decisions under the `moekern` key (and moekern's
     model_type where the result is not a standard architecture: moekern.architectures), the weights as safetensors in
-    the family's hub layout (moekern.hub_layout), and the tokenizer if given.
+    the family's hub layout (moekern.hub_layout; a remote-code family's own checkpoint layout, DeepSeek-MoE's), and
+    the tokenizer if given.
 
     The output rule of moekern.folders holds: an existing `path` is replaced only if it is a moekern model and
     overwrite=True, never the model's own source folder; everything is written into a temporary folder beside
@@ -106,20 +120,40 @@ def save(model, path: str | Path, tokenizer=None, *, overwrite: bool = False, ad
 
     from moekern.architectures import name_for_disk
     from moekern.hub_layout import state_for_disk
+    from moekern.models import Family, family_of
     from moekern.surgery import decisions
 
     decisions(model)  # a model saved through moekern always carries its (possibly empty) decisions
+    family = family_of(model)
     source = getattr(model.config, "_name_or_path", None)
     with folders.replaced_folder(path, folders.MODEL, overwrite=overwrite, sources=[source]) as tmp:
         name_for_disk(model, config_for_disk(model)).save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_file(state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if is_remote_code(model):  # the checkpoint's own modeling files go with it
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(model, tmp)
+        if type(family).to_disk is Family.to_disk:  # transformers' families: transformers' own hub layout
+            save_file(state_for_disk(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:  # the family's checkpoint layout (DeepSeek-MoE: one tensor per expert and projection)
+            save_file(family.to_disk(_unique_tensors(model)), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if add_files is not None:
             add_files(tmp)
     return Path(path).expanduser()
+
+
+def _unique_tensors(model) -> dict:
+    """The state dict with each storage once (a tied weight under its first name), contiguous."""
+    seen, out = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.detach().contiguous()
+    return out
 
 
 def config_for_disk(model):
@@ -160,6 +194,7 @@ def load(
 
     from moekern import architectures, hub_layout, surgery
 
+    from moekern.models import Family, family_of
     from moekern.schema import validate_decisions
 
     path = resolve_model_dir(path)
@@ -168,13 +203,29 @@ def load(
         return load_pretrained(path, dtype or "auto", device, trust_remote_code)
     validate_decisions(raw[surgery.KEY], raw, where=str(path / "config.json"))
     architectures.register_with_transformers()
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise _load_error(path, exc) from exc
     config = architectures.base_config(config)  # a moekern_* folder builds its family's class
     state = read_weights(path)
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = hub_layout.state_from_disk(model, state)
+    if is_remote_code(config):
+        # remote code builds its buffers in its own way (DeepSeek-MoE's rotary embedding): only the parameters go on
+        # the meta device, the buffers are computed as the model's code computes them
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    family = family_of(model)
+    family.adopt(model)
+    if type(family).from_disk is Family.from_disk:
+        state = hub_layout.state_from_disk(model, state)
+    else:
+        state = family.from_disk(state)
     d = getattr(config, surgery.KEY, None)
     if d:
         replay(model, d, state)

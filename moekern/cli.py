@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser(
         "compress",
         help="compress a model by a recipe; write the checkpoint and a report",
-        description="Compress MODEL by RECIPE, steps joined by '+': rtn4, awq4, gptq4 (:g64, :g32), wanda=0.5, "
-        "sparsegpt=2:4, expert-drop=N (:global, :layerwise), layer-drop=N, block-drop=N (:iterative), "
-        "enum-prune=R, skip or skip=q0.3. Calibration data is read from --calib (a local .txt, .jsonl, .json(.gz), "
-        ".parquet, or a folder saved by datasets) or, by default, from the shipped corpus. Writes the checkpoint "
+        description="Compress MODEL by RECIPE, steps joined by '+': rtn4, awq4 (:autoawq), gptq4 (:act, :sym, "
+        ":autogptq; each also :g64, :g32), wanda=0.5, sparsegpt=2:4 (:shared), expert-drop=N (:global, :layerwise, "
+        ":nofloor, :topk), layer-drop=N, block-drop=N (:iterative), enum-prune=R (:all), skip or skip=q0.3. "
+        "Calibration data is read from --calib (a local .txt, .jsonl, .json (.gz, .zst), .parquet, a folder saved "
+        "by datasets, or c4:/pile:/alpaca:PATH) or, by default, from the shipped corpus. Writes the checkpoint "
         "(with its tokenizer) and compress_report.md/.json and plots into --out.",
         epilog="Example: moekern compress shipped --recipe rtn4+layer-drop=2 --out shipped-rtn4-l2 "
         "--samples 32 --seq-len 256",
@@ -74,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--overwrite", action="store_true",
                           help="replace DIR if it holds a moekern model (never anything else)")
     compress.add_argument("--calib", default=None, metavar="PATH",
-                          help="calibration corpus (default: the shipped training corpus)")
+                          help="calibration corpus (default: the shipped training corpus); the paper's as they are "
+                          "published: c4:PATH (a C4 .json.gz shard), pile:PATH (.jsonl.zst), alpaca:PATH (.json)")
+    compress.add_argument("--quant-calib", default=None, metavar="PATH",
+                          help="calibration of a quantization step (AWQ, GPTQ) if not --calib's; the paper: "
+                          "pile:val.jsonl.zst for AWQ, alpaca:alpaca_data.json for GPTQ")
     compress.add_argument("--samples", type=positive_int, default=128, help="calibration blocks (default: 128)")
     compress.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per block (default: 2048)")
     compress.add_argument("--seed", type=int, default=0, help="seed of the choice of blocks (default: 0)")
@@ -238,12 +243,14 @@ def run_compress(args) -> int:
         from moekern.compress.recipe import EnumPrune
         from moekern.compress.stats import measure
 
+        enum_all = isinstance(first, EnumPrune) and first.all_tokens
         base_stats = measure(model, calibration, batch_size=args.batch_size, device=args.device,
-                             record_tokens=isinstance(first, EnumPrune), seed=args.seed,
-                             block_tokens=BLOCK_MATRIX_TOKENS)
+                             record_tokens=isinstance(first, EnumPrune) and not enum_all, seed=args.seed,
+                             block_tokens=BLOCK_MATRIX_TOKENS, enumerate_keep=first.keep if enum_all else 0)
     result = run_recipe(model, recipe, calibration, args.order, allow_fewer=args.allow_fewer_experts,
                         inplace=True, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                        base_stats=base_stats)
+                        base_stats=base_stats, quant_calibration=args.quant_calib, tokenizer=tokenizer,
+                        samples=args.samples, seq_len=args.seq_len)
     written = []  # the report goes into the checkpoint's temporary folder: both appear together, or neither
     save(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
          add_files=lambda folder: written.extend(write_report(result, folder)))

@@ -20,14 +20,19 @@ _PREVIOUS = "_moekern_previous_experts_implementation"
 
 
 def patch(model):
-    """Run the model's experts through moekern. Refuses a model family moekern does not know."""
-    family_of(model)
+    """Run the model's experts through moekern. Refuses a model family moekern does not know. A family whose blocks
+    do not call transformers' experts interface (DeepSeek-MoE's remote code) gets moekern's MoEBlock in every MoE
+    layer instead (moekern.models.base.Family.adopt)."""
+    family = family_of(model)
+    family.adopt(model)
     ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+    linear.install(model)
+    if family.own_blocks:
+        return model
     current = model.config._experts_implementation
     if current != IMPLEMENTATION:
         setattr(model, _PREVIOUS, current)
         model.set_experts_implementation(IMPLEMENTATION)
-    linear.install(model)
     return model
 
 
@@ -35,9 +40,10 @@ def unpatch(model):
     """Back to transformers' own modules and experts implementation. Sliced weights stay sliced (the HF block then
     routes over the survivors); masks and skips are no longer applied."""
     linear.uninstall(model)
+    family = family_of(model)
     for layer in model.get_decoder().layers:
         if isinstance(layer.mlp, MoEBlock):
-            layer.mlp = layer.mlp.hf_block
+            layer.mlp = family.release(layer.mlp)
     previous = getattr(model, _PREVIOUS, None)
     if previous is not None and model.config._experts_implementation == IMPLEMENTATION:
         model.set_experts_implementation(previous)

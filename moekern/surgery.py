@@ -73,6 +73,7 @@ def _layer(model, original: int) -> nn.Module:
 
 def moe_block(model, original: int) -> MoEBlock:
     """The layer's MoE as a MoEBlock, swapping one in for the HF block the first time its state changes."""
+    family_of(model).adopt(model)
     layer = _layer(model, original)
     if isinstance(layer.mlp, MoEBlock):
         return layer.mlp

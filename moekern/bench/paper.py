@@ -99,8 +99,10 @@ def add_paper_command(sub) -> None:
     paper.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed")
     paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
     add_loading_args(paper)
+    from moekern.bench.paper_extras import add_arguments
     from moekern.bench.paper_finetune import add_finetune_args
 
+    add_arguments(paper)  # --figures, --tables, --calib2: the paper's artefacts that need many more models
     add_finetune_args(paper)
     paper.set_defaults(run=run_paper, dtype=None, writes="runs")
     next(a for a in paper._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
@@ -188,6 +190,9 @@ class Paper:
         quiet_evaluation()
         try:
             self._rows(model)
+            from moekern.bench.paper_extras import run as run_extras
+
+            run_extras(self)
         finally:
             # also after an interrupt: the report of what was measured
             from moekern.bench.paper_report import write_report
@@ -214,6 +219,7 @@ class Paper:
         except (MemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
+        moekern.unpatch(model)  # a remote-code model moekern adopted at load (DeepSeek-MoE): its own blocks again
         self._measure_row(0, "Baseline (transformers)", None, model, {"variant": "transformers", "steps": []})
         moekern.patch(model)  # from here on the rows run moekern's path; the baseline is not needed again
         self.base = Root(model, "uncompressed")

@@ -10,12 +10,15 @@ report.json is read from there.
     block_similarity.png        the normalised block-wise similarity matrix (Fig. 7)
     drop_sweeps.png             what Layer Drop, Block Drop and global Expert Drop remove for every count (Figs. 10, 12)
     recipes_dropped.png         what each row of the table removed, per layer
+    score_distribution.png, and with --figures / --tables: drop_accuracy.png, robustness.png and Tables 5-8
+                                (moekern.bench.paper_figures)
 """
 
 import json
 import statistics
 from pathlib import Path
 
+from moekern.bench import paper_figures
 from moekern.bench.records import read_records
 from moekern.bench.report import (TASK_LABELS, _dropped, _fmt, _relative, _save, annotate, speed_lines,
                                   table3_lines)
@@ -119,7 +122,7 @@ def build(records: list[dict], run: str | None = None) -> dict:
         "tasks": tasks, "perplexity": any(r["perplexity"] is not None for r in rows),
         "rows": rows, "speed": speed, "prefixes": prefixes,
         "stats": None if stats is None else {k: v for k, v in stats.items() if k not in ("kind", "run")},
-        "steadiness": steadiness, "notes": notes(settings, rows, steadiness),
+        "steadiness": steadiness, "notes": notes(settings, rows, steadiness), "extras": paper_figures.build(mine),
     }
 
 
@@ -251,6 +254,7 @@ def markdown(content: dict, plots: dict) -> str:
         for key in ("recipes", "sweeps"):
             if key in plots:
                 lines += [f"![{key}]({plots[key].name})", ""]
+    lines += paper_figures.markdown(content, plots.get("extras", {}))
     lines += ["## Notes", "", *(f"- {n}" for n in content["notes"]), ""]
     return "\n".join(lines)
 
@@ -311,6 +315,7 @@ def plot(content: dict, out: Path) -> dict:
             recipes = _plot_recipes(content, layers, experts, out / PNG["recipes"])
             if recipes:
                 plots["recipes"] = recipes
+    plots["extras"] = paper_figures.plot(content, out)
     return plots
 
 
@@ -367,6 +372,8 @@ def write_report(records, out: Path, run: str | None = None) -> list[Path]:
     content = build(records, run)
     plots = plot(content, out)
     (out / "report.md").write_text(markdown(content, plots))
+    extras = plots.pop("extras", {})
+    plots.update({f"extras_{k}": p for k, p in extras.items()})
     (out / "report.json").write_text(json.dumps({**content, "plots": {k: p.name for k, p in plots.items()}},
                                                 indent=2, default=str) + "\n")
     return [out / "report.md", out / "report.json", *plots.values()]

@@ -4,15 +4,26 @@ checks a recipe against the model and then applies it.
     compress(model, "awq4+layer-drop=4", tokenizer=tokenizer)      # -> a new, compressed model
     Recipe.parse("rtn4:g64+expert-drop=2:layerwise+skip=q0.3")    # str(recipe) gives the canonical string back
 
-Steps are joined by "+":
+Steps are joined by "+"; a step's options follow it after ":" in any order (e.g. gptq4:g64:act:sym):
   Expert Slimming (at most one step; needs moekern.quant)
     rtn4, awq4, gptq4        4-bit quantization, group size 128; ":g64" or ":g32" for smaller groups
+      awq4:autoawq           AutoAWQ's MoE scheme (one scale for every expert's gate/up, folded into the
+                             post-attention norm, judged on the whole MoE output; moekern.quant.autoawq) instead of
+                             moekern's per-expert, routing-weighted AWQ
+      gptq4:act, gptq4:sym   act-order (columns by decreasing Hessian diagonal) and AutoGPTQ's symmetric grid
+      gptq4:autogptq         AutoGPTQ's defaults as He et al. ran them: act-order, symmetric, and each expert's
+                             Hessian without moekern's routing weights
     wanda=0.5, sparsegpt=0.5 unstructured pruning to that sparsity;  wanda=2:4, sparsegpt=4:8 for N:M sparsity
+      ...:shared             prune the shared experts too (the paper's Table 5 and "w/" rows of Table 8)
   Expert Trimming (in the order written)
-    expert-drop=N            Expert Drop of N experts per MoE layer on average, ":global" (default) or ":layerwise"
+    expert-drop=N            Expert Drop of N experts per MoE layer on average, ":global" (default) or ":layerwise";
+                             ":nofloor" lets a layer keep fewer than top_k experts, or none (Eq. 11 exactly: a layer
+                             left without experts loses its MoE, as Layer Drop); ":topk" scores an expert by the mean
+                             of its top-k routing weights (the authors' DeepSeek score) instead of its mean softmax
     layer-drop=N             Layer Drop of N MoE layers, ":oneshot" (default) or ":iterative"
     block-drop=N             Block Drop of N decoder layers, ":oneshot" (default) or ":iterative"
-    enum-prune=R             keep R experts per MoE layer by enumeration pruning (Lu et al.)
+    enum-prune=R             keep R experts per MoE layer by enumeration pruning (Lu et al.); ":all" enumerates every
+                             subset on every calibration token with Lu et al.'s loss instead of a token sample
     skip, skip=q0.3          dynamic skipping with beta the median (or the 0.3 quantile) weight ratio per layer
 
 Order: "ST" (default) applies the slimming step first, then the trimming steps, as the paper found slightly better
@@ -44,10 +55,15 @@ class Quantize:
     method: str  # rtn | awq | gptq
     bits: int = 4
     group_size: int = DEFAULT_GROUP
+    act_order: bool = False  # gptq ":act"
+    sym: bool = False  # gptq ":sym"
+    scheme: str = "moekern"  # awq: "moekern" | "autoawq"
     slimming = True
 
     def __str__(self):
-        return f"{self.method}{self.bits}" + ("" if self.group_size == DEFAULT_GROUP else f":g{self.group_size}")
+        return (f"{self.method}{self.bits}" + ("" if self.group_size == DEFAULT_GROUP else f":g{self.group_size}")
+                + (":act" if self.act_order else "") + (":sym" if self.sym else "")
+                + ("" if self.scheme == "moekern" else f":{self.scheme}"))
 
 
 @dataclass(frozen=True)
@@ -56,20 +72,25 @@ class Prune:
     sparsity: float | None = 0.5  # unstructured; None for N:M
     n: int | None = None
     m: int | None = None
+    shared: bool = False  # ":shared": the shared experts are pruned too
     slimming = True
 
     def __str__(self):
-        return f"{self.method}={self.n}:{self.m}" if self.n is not None else f"{self.method}={self.sparsity!r}"
+        pattern = f"{self.n}:{self.m}" if self.n is not None else repr(self.sparsity)
+        return f"{self.method}={pattern}" + (":shared" if self.shared else "")
 
 
 @dataclass(frozen=True)
 class ExpertDrop:
     n: int
     mode: str = "global"  # global | layerwise
+    floor: bool = True  # False (":nofloor"): a layer may keep fewer than top_k experts, or none
+    score: str = "softmax"  # softmax | topk (":topk")
     slimming = False
 
     def __str__(self):
-        return f"expert-drop={self.n}" + ("" if self.mode == "global" else f":{self.mode}")
+        return (f"expert-drop={self.n}" + ("" if self.mode == "global" else f":{self.mode}")
+                + ("" if self.floor else ":nofloor") + ("" if self.score == "softmax" else f":{self.score}"))
 
 
 @dataclass(frozen=True)
@@ -95,10 +116,11 @@ class BlockDrop:
 @dataclass(frozen=True)
 class EnumPrune:
     keep: int
+    all_tokens: bool = False  # ":all": every subset on every calibration token, Lu et al.'s loss
     slimming = False
 
     def __str__(self):
-        return f"enum-prune={self.keep}"
+        return f"enum-prune={self.keep}" + (":all" if self.all_tokens else "")
 
 
 @dataclass(frozen=True)
@@ -111,9 +133,14 @@ class Skip:
 
 
 Step = Quantize | Prune | ExpertDrop | LayerDrop | BlockDrop | EnumPrune | Skip
-SYNTAX = ("rtn4, awq4, gptq4 (optionally :g128/:g64/:g32), wanda=0.5, sparsegpt=2:4, "
-          "expert-drop=N[:global|:layerwise], "
-          "layer-drop=N[:iterative], block-drop=N[:iterative], enum-prune=R, skip or skip=q0.3")
+SYNTAX = ("rtn4, awq4[:autoawq], gptq4[:act][:sym] or gptq4:autogptq (each optionally :g128/:g64/:g32), wanda=0.5[:shared], "
+          "sparsegpt=2:4[:shared], expert-drop=N[:global|:layerwise][:nofloor][:topk], "
+          "layer-drop=N[:iterative], block-drop=N[:iterative], enum-prune=R[:all], skip or skip=q0.3")
+# The options each step takes after its name or value (":option"); the first of a group is the default.
+QUANT_OPTIONS = {"rtn": (), "awq": ("autoawq",), "gptq": ("act", "sym", "autogptq")}
+COUNTED_OPTIONS = {"expert-drop": ("global", "layerwise", "nofloor", "topk"), "layer-drop": ("oneshot", "iterative"),
+                   "block-drop": ("oneshot", "iterative"), "enum-prune": ("all",)}
+EXCLUSIVE = ({"global", "layerwise"}, {"oneshot", "iterative"})
 
 
 @dataclass(frozen=True)
@@ -169,35 +196,55 @@ def parse_step(text: str) -> Step:
         raise MoekernError("empty step in the recipe (two '+' in a row, or a '+' at an end?)")
     quant = re.fullmatch(r"(rtn|awq|gptq)(\d*)(?::(.*))?", text)
     if quant:
-        method, bits, option = quant.groups()
+        method, bits, options = quant.groups()
         if bits != "4":
             raise MoekernError(f"recipe step {raw!r}: moekern quantizes to 4 bits; write {method}4")
-        group = DEFAULT_GROUP
-        if option is not None:
+        group, flags = DEFAULT_GROUP, []
+        for option in _options(options, raw):
             found = re.fullmatch(r"g(\d+)", option)
-            if not found or int(found.group(1)) not in GROUP_SIZES:
-                raise MoekernError(f"recipe step {raw!r}: the group option is :g128, :g64 or :g32")
-            group = int(found.group(1))
-        return Quantize(method, 4, group)
+            if found:
+                if int(found.group(1)) not in GROUP_SIZES:
+                    raise MoekernError(f"recipe step {raw!r}: the group option is :g128, :g64 or :g32")
+                group = int(found.group(1))
+            elif option in QUANT_OPTIONS[method]:
+                flags.append(option)
+            else:
+                allowed = ", ".join(f":{o}" for o in ("g128", "g64", "g32", *QUANT_OPTIONS[method]))
+                raise MoekernError(f"recipe step {raw!r}: {method}4 takes {allowed}, not :{option}")
+        if "autogptq" in flags and len(flags) > 1:
+            raise MoekernError(f"recipe step {raw!r}: :autogptq already means act-order and the symmetric grid; "
+                               f"write gptq4:autogptq")
+        scheme = next((f for f in flags if f in ("autoawq", "autogptq")), "moekern")
+        return Quantize(method, 4, group, act_order="act" in flags, sym="sym" in flags, scheme=scheme)
     name, equals, value = text.partition("=")
-    name, colon, option = name.partition(":") if not equals else (name, "", "")
-    if equals:
-        value, colon, option = value.partition(":") if name not in PRUNE_METHODS else (value, "", "")
+    if not equals:
+        name, _, rest = name.partition(":")
+        options = _options(rest or None, raw)
+    elif name in PRUNE_METHODS:  # the value holds N:M, so ":shared" is only ever its last part
+        shared = value.endswith(":shared")
+        value, options = value.removesuffix(":shared"), ["shared"] if shared else []
+    else:
+        value, _, rest = value.partition(":")
+        options = _options(rest or None, raw)
     if name in PRUNE_METHODS:
         if not equals:
             raise MoekernError(f"recipe step {raw!r}: give a sparsity, e.g. {name}=0.5 or {name}=2:4")
+        shared = options == ["shared"]
         nm = re.fullmatch(r"(\d+):(\d+)", value)
         if nm:
             n, m = int(nm.group(1)), int(nm.group(2))
             if not 0 < n < m:
                 raise MoekernError(f"recipe step {raw!r}: N:M sparsity needs 0 < N < M, e.g. 2:4")
-            return Prune(name, None, n, m)
+            return Prune(name, None, n, m, shared)
+        if ":" in value:
+            raise MoekernError(f"recipe step {raw!r}: {name} takes a sparsity (0.5) or N:M (2:4), then optionally "
+                               f":shared")
         sparsity = _number(value, raw, "a sparsity such as 0.5, or N:M such as 2:4")
         if not 0.0 < sparsity < 1.0:
             raise MoekernError(f"recipe step {raw!r}: sparsity must be between 0 and 1 (exclusive)")
-        return Prune(name, sparsity)
+        return Prune(name, sparsity, shared=shared)
     if name == "skip":
-        if colon:
+        if options:
             raise MoekernError(f"recipe step {raw!r}: skip takes no option; write skip or skip=q0.3")
         if not equals:
             return Skip()
@@ -207,25 +254,42 @@ def parse_step(text: str) -> Step:
         if not 0.0 <= q <= 1.0:
             raise MoekernError(f"recipe step {raw!r}: the quantile must be between 0 and 1")
         return Skip(q)
-    counted = {"expert-drop": ("global", "layerwise"), "layer-drop": ("oneshot", "iterative"),
-               "block-drop": ("oneshot", "iterative"), "enum-prune": ()}
-    if name not in counted:
+    if name not in COUNTED_OPTIONS:
         raise MoekernError(f"unknown recipe step {raw.strip()!r}; the steps are: {SYNTAX}")
     if not equals:
         raise MoekernError(f"recipe step {raw!r}: give a count, e.g. {name}=2")
     if not re.fullmatch(r"\d+", value) or int(value) < 1:
         raise MoekernError(f"recipe step {raw!r}: {name} needs a whole number >= 1, got {value!r}")
     count = int(value)
-    if colon and option not in counted[name]:
-        options = " or ".join(f":{o}" for o in counted[name]) or "no option"
-        raise MoekernError(f"recipe step {raw!r}: {name} takes {options}, not {option!r}")
+    for option in options:
+        if option not in COUNTED_OPTIONS[name]:
+            allowed = COUNTED_OPTIONS[name]
+            what = (f"no option other than :{allowed[0]}" if len(allowed) == 1
+                    else " or ".join(f":{o}" for o in allowed))
+            raise MoekernError(f"recipe step {raw!r}: {name} takes {what}, not :{option}")
+    for group in EXCLUSIVE:
+        if len(group & set(options)) > 1:
+            raise MoekernError(f"recipe step {raw!r}: choose one of {' or '.join(sorted(':' + o for o in group))}")
     if name == "expert-drop":
-        return ExpertDrop(count, option or "global")
+        return ExpertDrop(count, "layerwise" if "layerwise" in options else "global", floor="nofloor" not in options,
+                          score="topk" if "topk" in options else "softmax")
     if name == "layer-drop":
-        return LayerDrop(count, option == "iterative")
+        return LayerDrop(count, "iterative" in options)
     if name == "block-drop":
-        return BlockDrop(count, option == "iterative")
-    return EnumPrune(count)
+        return BlockDrop(count, "iterative" in options)
+    return EnumPrune(count, all_tokens="all" in options)
+
+
+def _options(text: str | None, raw: str) -> list[str]:
+    """The ":"-separated options after a step's name or value; an empty or repeated one is an error."""
+    if text is None:
+        return []
+    options = text.split(":")
+    if "" in options:
+        raise MoekernError(f"recipe step {raw!r}: an empty option (two ':' in a row, or a ':' at the end?)")
+    if len(set(options)) != len(options):
+        raise MoekernError(f"recipe step {raw!r}: an option is repeated")
+    return options
 
 
 def _number(text: str, raw: str, expected: str) -> float:
@@ -302,14 +366,25 @@ def _check_counts(recipe: Recipe, model, allow_fewer: bool) -> None:
             if not experts:
                 raise MoekernError(f"{where}: no MoE layer is left for it")
             floors = [min_experts(top_k, e, allow_fewer) for e in experts]
-            if isinstance(step, ExpertDrop):
+            if isinstance(step, ExpertDrop) and not step.floor:
+                # Eq. 11 without a floor: a layer may lose all its experts (and then its MoE), but not every layer
+                total, drop = sum(experts), step.n * len(experts)
+                if (min(experts) <= step.n) if step.mode == "layerwise" else drop >= total:
+                    raise MoekernError(f"{where} would drop every expert of {'a' if step.mode == 'layerwise' else 'every'} "
+                                       f"MoE layer (they have {experts} at worst); drop fewer, or use layer-drop")
+                if step.mode == "layerwise":
+                    experts = [e - step.n for e in experts]
+                else:  # at worst the survivors sit in the fewest layers, one expert each: the strictest later checks
+                    experts = [1] * -(-(total - drop) // max(experts))
+            elif isinstance(step, ExpertDrop):
                 room = [e - f for e, f in zip(experts, floors)]
                 fits = (min(room) >= step.n) if step.mode == "layerwise" else sum(room) >= step.n * len(experts)
                 if not fits:
                     raise MoekernError(
                         f"{where}: the MoE layers have {experts} experts (at worst) and keep at least "
                         f"{'top_k=' + str(top_k) if not allow_fewer else 1} each; drop fewer"
-                        + ("" if allow_fewer else " or allow fewer experts than top_k (--allow-fewer-experts)"))
+                        + ("" if allow_fewer else " or allow fewer experts than top_k (--allow-fewer-experts, or "
+                           ":nofloor)"))
                 experts = ([e - step.n for e in experts] if step.mode == "layerwise" else floors)
             elif isinstance(step, EnumPrune):
                 if step.keep >= original_experts:
@@ -317,6 +392,10 @@ def _check_counts(recipe: Recipe, model, allow_fewer: bool) -> None:
                 if step.keep < top_k and not allow_fewer:
                     raise MoekernError(f"{where}: keeping {step.keep} experts is fewer than top_k={top_k}; keep more "
                                        f"or allow it (--allow-fewer-experts)")
+                if step.all_tokens:
+                    from moekern.compress.enum_prune import check_enumeration
+
+                    check_enumeration(experts, step.keep, where)
                 experts = [min(e, step.keep) for e in experts]
             elif isinstance(step, Skip) and top_k < 2:
                 raise MoekernError(f"{where}: skipping needs top_k >= 2 (this model routes to {top_k} expert)")
@@ -337,10 +416,11 @@ def _slimming_config(step):
         raise MoekernError(
             f"step {step}: Expert Slimming (moekern.quant) is not available in this build ({exc})") from exc
     if isinstance(step, Quantize):
-        return QuantConfig(method=step.method, bits=step.bits, group_size=step.group_size)
+        return QuantConfig(method=step.method, bits=step.bits, group_size=step.group_size, act_order=step.act_order,
+                           sym=step.sym, scheme=step.scheme)
     if step.n is not None:
-        return PruneConfig(method=step.method, sparsity=None, n=step.n, m=step.m)
-    return PruneConfig(method=step.method, sparsity=step.sparsity)
+        return PruneConfig(method=step.method, sparsity=None, n=step.n, m=step.m, prune_shared_experts=step.shared)
+    return PruneConfig(method=step.method, sparsity=step.sparsity, prune_shared_experts=step.shared)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -374,14 +454,17 @@ def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST",
 def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST", *, tokenizer=None,
                allow_fewer: bool = False, inplace: bool = False, samples: int | None = None,
                seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None,
-               base_stats=None) -> CompressionResult:
+               base_stats=None, quant_calibration=None) -> CompressionResult:
     """compress(), returning the CompressionResult: what each step decided, the statistics measured before
     trimming, and the sizes before and after (what moekern.compress.report writes).
 
     base_stats: TrimStats the caller measured (moekern.compress.stats.measure) on this very model, unchanged, and
     on the same calibration tensor; a trimming step that comes first uses them instead of measuring again if they
     were measured as it would measure them (record_tokens, batch_size, device, seed). Exact: it saves one pass per
-    recipe when many recipes compress copies of one model (moekern paper)."""
+    recipe when many recipes compress copies of one model (moekern paper).
+
+    quant_calibration: the calibration of a quantization step (AWQ, GPTQ) where it differs from the others' (the
+    paper: Pile for AWQ, Alpaca for GPTQ, C4 for the rest): token ids or a source, as `calibration`."""
     from moekern import arguments, folders, surgery
     from moekern.compress.report import model_size
 
@@ -395,24 +478,33 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
     device = arguments.device(device)
     check_recipe(recipe, model, allow_fewer)
     ids = _calibration(recipe, calibration, tokenizer, samples, seq_len, seed)
-    if ids is not None:
-        arguments.check_positions(model.config, ids.shape[1], "the calibration blocks' length (seq_len)")
+    quant_ids = ids
+    if quant_calibration is not None and any(isinstance(s, Quantize) and s.method != "rtn" for s in steps):
+        quant_ids = _calibration(recipe, quant_calibration, tokenizer, samples, seq_len, seed)
+    for blocks in {id(t): t for t in (ids, quant_ids) if t is not None}.values():  # each tensor once
+        arguments.check_positions(model.config, blocks.shape[1], "the calibration blocks' length (seq_len)")
         vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-        if vocab and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        if vocab and (int(blocks.min()) < 0 or int(blocks.max()) >= vocab):
             raise MoekernError(f"calibration token ids must be in 0..{vocab - 1} (the vocabulary), got "
-                               f"{int(ids.min())}..{int(ids.max())}: were they made by another tokenizer?")
+                               f"{int(blocks.min())}..{int(blocks.max())}: were they made by another tokenizer?")
     if not inplace:
         model = copy.deepcopy(model)
+    from moekern.models import adopt
+
+    adopt(model)
     before = model_size(model)
     log, first_stats = [], None
     for step in steps:
         started = time.perf_counter()
         if step.slimming:
-            entry = _slim(model, step, ids, batch_size, device)
+            entry = _slim(model, step, quant_ids if isinstance(step, Quantize) else ids, batch_size, device)
         else:
             from moekern.compress.stats import measure
 
-            options = dict(batch_size=batch_size, device=device, record_tokens=isinstance(step, EnumPrune), seed=seed)
+            enum_all = isinstance(step, EnumPrune) and step.all_tokens
+            options = dict(batch_size=batch_size, device=device, seed=seed,
+                           record_tokens=isinstance(step, EnumPrune) and not enum_all,
+                           enumerate_keep=step.keep if enum_all else 0)
             if not log and _measured_as(base_stats, ids, options):
                 stats = base_stats
             else:
@@ -474,7 +566,7 @@ def _trim(model, step, stats, allow_fewer) -> dict:
     from moekern.compress.skip import dynamic_skip
 
     if isinstance(step, ExpertDrop):
-        return {"kept_experts": expert_drop(model, stats, step.n, step.mode, allow_fewer)}
+        return {"kept_experts": expert_drop(model, stats, step.n, step.mode, allow_fewer, step.floor, step.score)}
     if isinstance(step, LayerDrop):
         return {"dropped_moe_layers": layer_drop(model, stats, step.n, step.iterative)}
     if isinstance(step, BlockDrop):

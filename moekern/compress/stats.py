@@ -14,10 +14,17 @@ x = Norm(x') the MoE's input and MoE(x) its output (shared experts included):
                     logits, though GPT-OSS itself only softmaxes the top k); the sigmoid score for sigmoid routers
                     (DeepSeek-V3, without the correction bias, which only steers selection). Dropped experts score 0.
                     Indexed by original expert id. Expert Drop's importance (paper, App. A.3).
+  expert_topk_scores  [E] mean_t of each expert's routing weight where the router chose it and 0 elsewhere: the mean
+                    of the top-k routing weights, the score the authors' code ranks DeepSeek's experts by
+                    (Unified-MoE-Compression, DeepseekExpertDropWrapper); Expert Drop's ":topk" option.
   weight_ratios     for each token, the routing weight of every non-top slot over the top slot's weight (top-2:
                     w2/w1), empty slots left out; a random sample of at most `max_ratios` per layer. Lu et al.'s beta.
   moe_inputs/outputs  x and MoE(x) on a random subset of at most `max_tokens` tokens per layer: enumeration pruning.
   alive             [E] bool: the experts still there.
+With enumerate_keep=R (off by default), also Lu et al.'s enumeration loss of every subset of R surviving experts:
+  subset_losses     (subsets, losses [C] float64): sum over the calibration batches b of ||Y_b - MoE_S(X_b)||_F, the
+                    loss of Lu et al.'s code (Expert_Sparsity, PrunableMixtralSparseMoeBlockWrapper.enumerate), on
+                    every calibration token; accumulated batch by batch, so no token is stored.
 With block_tokens=N (off by default), also the block-wise similarity matrix (paper, Fig. 7):
   block_matrix      [B+1, B+1] mean_t cos(h_a[t], h_b[t]) where h_0 is the first block's input and h_{i+1} block i's
                     output (model order), over the same N evenly spaced calibration tokens for every block (all of
@@ -52,10 +59,12 @@ class LayerStats:
     s_m: float | None = None
     s_nm: float | None = None
     expert_scores: torch.Tensor | None = None
+    expert_topk_scores: torch.Tensor | None = None
     alive: torch.Tensor | None = None
     weight_ratios: torch.Tensor | None = None
     moe_inputs: torch.Tensor | None = None
     moe_outputs: torch.Tensor | None = None
+    subset_losses: tuple[list[list[int]], torch.Tensor] | None = None
 
 
 @dataclass
@@ -81,7 +90,7 @@ class TrimStats:
             entry = {"block_similarity": s.block_similarity}
             if s.moe:
                 entry.update(s_m=s.s_m, s_nm=s.s_nm, expert_scores=s.expert_scores.tolist(),
-                             alive=s.alive.tolist())
+                             expert_topk_scores=s.expert_topk_scores.tolist(), alive=s.alive.tolist())
             out[str(i)] = entry
         return out
 
@@ -181,7 +190,7 @@ class _LayerRecorder:
     """The hooks on one decoder layer and what they accumulate."""
 
     def __init__(self, layer, original: int, model, record_tokens: bool, max_tokens: int, max_ratios: int,
-                 seed: int, position: int = 0, block_states: _BlockStates | None = None):
+                 seed: int, position: int = 0, block_states: _BlockStates | None = None, enumerate_keep: int = 0):
         self.original, self.layer = original, layer
         self.position, self.block_states = position, block_states
         self.family = family_of(model)
@@ -191,8 +200,9 @@ class _LayerRecorder:
         self.tokens = 0
         self.block_sum = 0.0
         self.s_m_sum = self.s_nm_sum = 0.0
-        self.score_sum = None
+        self.score_sum = self.topk_sum = None
         self.alive = None
+        self.enumerate_keep, self.subsets, self.subset_losses = enumerate_keep, None, None
         self.residual = None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + original)
         self.ratios = _Sample(max_ratios, generator)
@@ -239,11 +249,28 @@ class _LayerRecorder:
         self.score_sum = scores if self.score_sum is None else self.score_sum + scores
         self.alive = alive.cpu()
         weights, ids = route(logits, self.spec, alive, bias)
+        chosen = torch.zeros_like(logits, dtype=torch.float64).scatter_add_(
+            1, ids.clamp(min=0), weights.double().masked_fill(ids == NO_EXPERT, 0.0)).sum(dim=0).cpu()
+        self.topk_sum = chosen if self.topk_sum is None else self.topk_sum + chosen
+        if self.enumerate_keep and int(alive.sum()) > self.enumerate_keep:
+            self._enumerate(module, x, y, alive)
         ratios = weight_ratios(weights, ids)
         if ratios.numel():
             self.ratios.add(ratios)
         if self.tokens_sample is not None:
             self.tokens_sample.add(x, y)
+
+    def _enumerate(self, module, x, y, alive) -> None:
+        """Add this batch's ||Y_b - MoE_S(X_b)||_F to every subset's loss (Lu et al.)."""
+        import itertools
+
+        from moekern.compress.enum_prune import subset_errors
+
+        if self.subsets is None:
+            survivors = alive.nonzero().flatten().tolist()
+            self.subsets = [list(c) for c in itertools.combinations(survivors, self.enumerate_keep)]
+            self.subset_losses = torch.zeros(len(self.subsets), dtype=torch.float64)
+        self.subset_losses += subset_errors(module, self.family, self.num_original, x, y, self.subsets, self.spec)
 
     def result(self) -> LayerStats:
         n = max(self.tokens, 1)
@@ -260,6 +287,9 @@ class _LayerRecorder:
         if stats.moe:
             stats.s_m, stats.s_nm = self.s_m_sum / n, self.s_nm_sum / n
             stats.expert_scores = (self.score_sum / n).float()
+            stats.expert_topk_scores = (self.topk_sum / n).float()
+            if self.subsets is not None:
+                stats.subset_losses = (self.subsets, self.subset_losses)
             stats.alive = self.alive
             stats.weight_ratios = self.ratios.rows[0] if self.ratios.rows else torch.zeros(0)
             if self.tokens_sample is not None:
@@ -277,14 +307,17 @@ def measure(
     max_ratios: int = MAX_RATIOS,
     seed: int = 0,
     block_tokens: int = 0,
+    enumerate_keep: int = 0,
 ) -> TrimStats:
     """One pass of `calibration` (LongTensor [n, L]) through the model, one decoder layer at a time (stream_layers,
     on `device`), recording the statistics of the module doc. record_tokens=False skips the MoE input/output samples
     (iterative Layer/Block Drop only need the similarities). block_tokens=N > 0 also records the block-wise
     similarity matrix on N calibration tokens (module doc); it changes none of the other statistics, and is not part
-    of `options` (remeasure does not record it again)."""
+    of `options` (remeasure does not record it again). enumerate_keep=R > 0 also accumulates Lu et al.'s loss of
+    every subset of R experts of each MoE layer (module doc; enumeration pruning's ":all")."""
     options = dict(batch_size=batch_size, device=device, record_tokens=record_tokens, max_tokens=max_tokens,
-                   max_ratios=max_ratios, seed=seed)
+                   max_ratios=max_ratios, seed=seed, enumerate_keep=enumerate_keep)
+    family_of(model).adopt(model)  # DeepSeek-MoE's remote blocks: moekern's layout (output unchanged)
     originals = original_layer_ids(model)
     recorders: list[_LayerRecorder] = []
     states = _BlockStates(calibration.numel(), block_tokens) if block_tokens > 0 else None
@@ -295,7 +328,7 @@ def measure(
             if recorders:
                 recorders[-1].remove()
             recorder = _LayerRecorder(layer, originals[index], model, record_tokens, max_tokens, max_ratios, seed,
-                                      index, states)
+                                      index, states, enumerate_keep)
             recorders.append(recorder)
     finally:
         if recorders:

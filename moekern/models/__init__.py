@@ -3,6 +3,7 @@
 from moekern.errors import MoekernError
 from moekern.models.base import Family, expert_activation, expert_weights
 from moekern.models.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from moekern.models.deepseek_moe import DEEPSEEK_MOE
 from moekern.models.gpt_oss import GPT_OSS
 from moekern.models.mixtral import MIXTRAL
 from moekern.models.olmoe import OLMOE
@@ -10,7 +11,7 @@ from moekern.models.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
     model_type: family
-    for family in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)
+    for family in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)
     for model_type in family.model_types
 }
 
@@ -28,4 +29,11 @@ def family_of(model_or_config) -> Family:
     return FAMILIES[model_type]
 
 
-__all__ = ["FAMILIES", "Family", "expert_activation", "expert_weights", "family_of"]
+def adopt(model):
+    """Bring a model into the layout moekern works on (moekern.models.base.Family.adopt): a no-op for transformers'
+    own families; DeepSeek-MoE's remote blocks become moekern's. Every entry point calls it; it returns the model."""
+    family_of(model).adopt(model)
+    return model
+
+
+__all__ = ["FAMILIES", "Family", "adopt", "expert_activation", "expert_weights", "family_of"]

@@ -39,6 +39,24 @@ class Family:
     def keep_dense_fields(self, config, kept_layers: list[int]) -> None:
         """Rewrite the config fields that decide which layers are dense, after only `kept_layers` remain."""
 
+    # A family whose MoE blocks moekern replaces with its own MoEBlock as soon as it sees the model (remote code that
+    # does not call transformers' experts interface); the others keep the HF blocks until a decision changes them.
+    own_blocks = False
+
+    def adopt(self, model) -> None:
+        """Bring the model into the layout moekern works on (idempotent; nothing for transformers' own families)."""
+
+    def release(self, block) -> torch.nn.Module:
+        """The HF block a MoEBlock wraps, as unpatch gives it back."""
+        return block.hf_block
+
+    def to_disk(self, state: dict) -> dict:
+        """The state dict's names as the family's checkpoints name them (transformers' families: as they are)."""
+        return state
+
+    def from_disk(self, state: dict) -> dict:
+        return state
+
 
 def expert_weights(experts: torch.nn.Module):
     """(w_gate_up [E, 2I, H], w_down [E, H, I], b_gate_up, b_down) of an HF stacked-experts module, in moekern's

@@ -10,7 +10,8 @@ Both record their decision in moekern.surgery.decisions(model) ("quant": {method
 
     layout.py      moekern's own packed 4-bit layout (what the kernels read) and its reference dequantization
     formats.py     import / export of the AutoAWQ GEMM and GPTQ checkpoint layouts
-    rtn.py         group-wise asymmetric round to nearest      awq.py   activation-aware scale search and clipping
+    rtn.py         group-wise round to nearest (AutoAWQ's grid; AutoGPTQ's symmetric one)
+    awq.py         activation-aware scale search and clipping  autoawq.py  AutoAWQ's MoE scheme (awq4:autoawq)
     gptq.py        Hessian-based error compensation            prune.py Wanda and SparseGPT masks
     hessian.py     H = 2/T X^T X and its dampened inverse (GPTQ, SparseGPT)
     calibrate.py   per-expert / per-linear inputs, streamed layer by layer (stream_layers + a tap in experts_forward)

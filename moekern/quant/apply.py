@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moekern.errors import MoekernError
+from moekern.models import family_of
 from moekern.models.base import expert_activation, expert_weights
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
 from moekern.ops.reference import Activation, gated_activation
@@ -60,17 +61,30 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
     weighted by the routing weights (the error as it reaches the layer's output).
     """
     config.validate()
+    family_of(model).adopt(model)
     d = decisions(model)
     if d.get("quant"):
         raise MoekernError(f"the model is already quantized ({d['quant']}); quantize the 16-bit model")
     check_widths(model, config)
     started = time.time()
     report = {"method": config.method, "bits": config.bits, "group_size": config.group_size, "layers": []}
+    autoawq = config.scheme == "autoawq"
+    if autoawq:
+        from moekern.quant import autoawq as autoawq_scheme
+
+        for layer in decoder_layers(model):
+            autoawq_scheme.check_layer(layer)
+
+    def choose(layer):
+        linears = _quant_linears(model, layer, config)
+        if autoawq and targets.has_mlp(layer):  # AutoAWQ judges the scale on the whole MLP's output
+            linears[autoawq_scheme.MLP] = layer.mlp
+        return targets.routed_experts(layer), linears
+
     if config.needs_calibration or calibration is not None:  # RTN uses it only to report the output errors
         ids = check_calibration(model, calibration, config.method.upper())
-        walk = calibrated_layers(model, ids, lambda layer: (targets.routed_experts(layer),
-                                                            _quant_linears(model, layer, config)),
-                                 desc=f"{config.method} 4-bit", device=device, batch_size=batch_size)
+        walk = calibrated_layers(model, ids, choose, desc=f"{config.method} 4-bit", device=device,
+                                 batch_size=batch_size)
     else:
         walk = ((i, layer, None) for i, layer in enumerate(decoder_layers(model)))
     for index, layer, capture in walk:
@@ -78,8 +92,12 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
         entry = {"layer": index, "experts": 0, "fallback_rtn": 0, "awq_kept_rtn": 0, "linears": 0, "errors": [],
                  "weighted_errors": []}
         with torch.no_grad():
-            _quantize_experts(layer, capture, config, entry)
-            _quantize_other_linears(model, layer, capture, config, entry)
+            done = set()
+            if autoawq:
+                done = autoawq_scheme.quantize_mlp(model, layer, capture, config, entry)
+            else:
+                _quantize_experts(layer, capture, config, entry)
+            _quantize_other_linears(model, layer, capture, config, entry, done)
         errors, weighted = entry.pop("errors"), entry.pop("weighted_errors")
         entry["mean_rel_output_error"] = sum(errors) / len(errors) if errors else None
         entry["max_rel_output_error"] = max(errors) if errors else None
@@ -87,7 +105,7 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
         entry["seconds"] = round(time.time() - t0, 3)
         report["layers"].append(entry)
         del capture  # this layer's inputs go before the next layer's are captured
-    d["quant"] = {"method": config.method, "bits": config.bits, "group_size": config.group_size}
+    d["quant"] = config.record()
     report["fallback_rtn"] = sum(e["fallback_rtn"] for e in report["layers"])
     report["awq_kept_rtn"] = sum(e["awq_kept_rtn"] for e in report["layers"])
     report["experts"] = sum(e["experts"] for e in report["layers"])
@@ -110,9 +128,11 @@ def _quantize_experts(layer, capture, config: QuantConfig, entry: dict) -> None:
         routing = capture.expert_routing_weights(e) if capture is not None else None
         if config.needs_calibration and x is None:
             entry["fallback_rtn"] += 1
+        gptq = config.gptq_options
         tensors, error, weighted = quantize_ffn(
             x, w_gu[e], w_d[e], None if b_gu is None else b_gu[e], None if b_d is None else b_d[e], act,
-            config.method, config.group_size, config.act_order, w_gu.dtype, token_weights=routing,
+            config.method, config.group_size, gptq["act_order"], w_gu.dtype, token_weights=routing,
+            sym=gptq["sym"], hessian_weights=gptq["routing_weights"],
         )
         if config.method == "awq" and x is not None and "gate_up_proj_input_scale" not in tensors:
             entry["awq_kept_rtn"] += 1  # RTN had the lower routing-weighted output error on calibration
@@ -129,8 +149,8 @@ def _quantize_experts(layer, capture, config: QuantConfig, entry: dict) -> None:
     entry["experts"] += w_gu.shape[0]
 
 
-def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: dict) -> None:
-    linears = _quant_linears(model, layer, config)
+def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: dict, done=()) -> None:
+    linears = {k: v for k, v in _quant_linears(model, layer, config).items() if k not in done}
     done = set()
     inputs = (lambda name: capture.linear_inputs(name)) if capture is not None else (lambda name: None)
     # gated FFNs (shared experts, dense MLPs): the FFN path, so AWQ folds down's scale into up
@@ -141,7 +161,8 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
         g, u, dn = linears[gate], linears[up], linears[down]
         w_gu = torch.cat([g.weight, u.weight])
         tensors, error, _ = quantize_ffn(inputs(gate), w_gu, dn.weight, None, None, _SILU, config.method,
-                                         config.group_size, config.act_order, g.weight.dtype)
+                                         config.group_size, config.gptq_options["act_order"], g.weight.dtype,
+                                         sym=config.gptq_options["sym"])
         inter = g.out_features
         split = {gate: slice(0, inter), up: slice(inter, 2 * inter)}
         for name, rows in split.items():
@@ -162,7 +183,8 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
         x = inputs(QKV[0])
         fold = _NormFold(norm)
         packed, s, error = quantize_linears(x, [linears[n].weight for n in QKV], _method(config, x),
-                                            config.group_size, config.act_order, clip=False, fix_scale=fold.fix)
+                                            config.group_size, config.gptq_options["act_order"], clip=False,
+                                            fix_scale=fold.fix, sym=config.gptq_options["sym"])
         if s is not None:
             fold.apply()
         for name, tensors in zip(QKV, packed, strict=True):
@@ -176,7 +198,8 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
             continue
         x = inputs(name)
         packed, s, error = quantize_linears(x, [linear.weight], _method(config, x), config.group_size,
-                                            config.act_order, clip=name not in NO_CLIP)
+                                            config.gptq_options["act_order"], clip=name not in NO_CLIP,
+                                            sym=config.gptq_options["sym"])
         tensors = packed[0]
         if s is not None:
             tensors["input_scale"] = (1 / s).to(linear.weight.dtype)
@@ -250,6 +273,7 @@ def prune_(model, config: PruneConfig, calibration: torch.Tensor | None = None, 
     calibrated on the tokens routed to it; down is pruned on what the pruned gate_up produces. An expert that no
     calibration token reaches is pruned by weight magnitude (counted as fallback_magnitude)."""
     config.validate()
+    family_of(model).adopt(model)
     ids = check_calibration(model, calibration, config.method)
     d = decisions(model)
     if d.get("quant"):

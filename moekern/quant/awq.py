@@ -85,11 +85,11 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], group_size: int, 
 
 
 def clip(x: torch.Tensor, w: torch.Tensor, group_size: int, dtype: torch.dtype,
-         token_weights: torch.Tensor | None = None) -> torch.Tensor:
+         token_weights: torch.Tensor | None = None, tokens: int | None = CLIP_TOKENS) -> torch.Tensor:
     """AutoAWQ's auto_clip: w [N, K] with each (row, group) clamped to [-m, m], m = max|w| * (1 - i / 20) for the
-    i < 10 that minimises the group's (token-weighted) output error on at most 512 evenly spaced inputs x [T, K].
-    i = 0 is no clipping and is kept unless a clip is strictly better."""
-    x, w2 = sample_rows(x, CLIP_TOKENS, token_weights)
+    i < 10 that minimises the group's (token-weighted) output error on at most `tokens` (512; None: all) evenly
+    spaced inputs x [T, K]. i = 0 is no clipping and is kept unless a clip is strictly better."""
+    x, w2 = sample_rows(x, tokens or x.reshape(-1, x.shape[-1]).shape[0], token_weights)
     n, k = w.shape
     groups = k // group_size
     xg = x.reshape(-1, groups, group_size)

@@ -19,6 +19,12 @@ class QuantConfig:
                 width (hidden and intermediate sizes).
     act_order:  GPTQ only: process columns by decreasing Hessian diagonal. Groups stay the contiguous blocks of
                 `group_size` input channels (static groups), so g_idx is k // group_size and the kernel layout holds.
+    sym:        GPTQ only: AutoGPTQ's symmetric grid (zero point 8 in every group; moekern.quant.rtn.group_params).
+    scheme:     "moekern" (default): AWQ and GPTQ judge a routed expert's error by the routing weights its tokens
+                gave it (moekern.quant.ffn). "autoawq" (AWQ): AutoAWQ's MoE scheme, one scale for every expert's
+                gate/up folded into the post-attention norm and judged on the whole MoE output (moekern.quant.autoawq).
+                "autogptq" (GPTQ): AutoGPTQ's defaults as He et al. ran them: act-order, the symmetric grid, and each
+                expert's Hessian over its routed tokens without routing weights.
     quantize_attention:      also quantize the attention projections (off by default, as the paper quantizes experts).
     quantize_shared_experts: also quantize the always-active FFNs: shared experts and the MLPs of dense layers.
     The router and lm_head always stay 16-bit.
@@ -28,12 +34,20 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     act_order: bool = False
+    sym: bool = False
+    scheme: Literal["moekern", "autoawq", "autogptq"] = "moekern"
     quantize_attention: bool = False
     quantize_shared_experts: bool = True
 
     def validate(self) -> None:
         if self.method not in ("rtn", "awq", "gptq"):
             raise MoekernError(f"unknown quantization method {self.method!r}; choose 'rtn', 'awq' or 'gptq'")
+        schemes = {"awq": ("moekern", "autoawq"), "gptq": ("moekern", "autogptq"), "rtn": ("moekern",)}
+        if self.scheme not in schemes[self.method]:
+            raise MoekernError(f"scheme {self.scheme!r} does not apply to {self.method}; it takes "
+                               f"{' or '.join(map(repr, schemes[self.method]))}")
+        if self.sym and self.method != "gptq":
+            raise MoekernError("sym is a GPTQ option (AutoGPTQ's symmetric grid); use method='gptq' or sym=False")
         if self.bits != 4:
             raise MoekernError(
                 f"moekern quantizes to 4 bits only (its kernels read 4-bit nibbles), got bits={self.bits}"
@@ -46,6 +60,22 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn"
+
+    @property
+    def gptq_options(self) -> dict:
+        """How GPTQ runs: act_order, sym, and whether a routed expert's Hessian weights its tokens by their routing
+        weights (moekern) or not (AutoGPTQ)."""
+        autogptq = self.scheme == "autogptq"
+        return {"act_order": self.act_order or autogptq, "sym": self.sym or autogptq, "routing_weights": not autogptq}
+
+    def record(self) -> dict:
+        """What goes into decisions(model)["quant"] (the options only where they are not the default)."""
+        found = {"method": self.method, "bits": self.bits, "group_size": self.group_size}
+        if self.method == "gptq":
+            found.update({k: True for k in ("act_order", "sym") if self.gptq_options[k]})
+        if self.scheme != "moekern":
+            found["scheme"] = self.scheme
+        return found
 
 
 @dataclass

@@ -33,11 +33,12 @@ from moekern.quant.hessian import hessian
 from moekern.quant.rtn import dequantize_codes, pack, rtn
 
 
-def _quantize(w, x, method, group_size, act_order, dtype, r=None):
+def _quantize(w, x, method, group_size, act_order, dtype, r=None, sym=False):
     """(q, scales, zeros) of w [N, K] by RTN or GPTQ (x: the inputs, for GPTQ's Hessian; r [T]: each row's routing
-    weight, so H = sum_t r_t^2 x_t x_t^T is the curvature of the error as it reaches the layer's output)."""
+    weight, so H = sum_t r_t^2 x_t x_t^T is the curvature of the error as it reaches the layer's output; sym:
+    AutoGPTQ's symmetric grid)."""
     if method == "gptq":
-        return gptq(w, hessian(x if r is None else x * r[:, None]), group_size, act_order, dtype=dtype)[:3]
+        return gptq(w, hessian(x if r is None else x * r[:, None]), group_size, act_order, dtype=dtype, sym=sym)[:3]
     return rtn(w, group_size, dtype)
 
 
@@ -46,7 +47,8 @@ def _packed(prefix: str, qsz) -> dict:
 
 
 def quantize_ffn(x, w_gate_up, w_down, b_gate_up, b_down, act: Activation, method: str, group_size: int,
-                 act_order: bool = False, dtype=None, token_weights=None):
+                 act_order: bool = False, dtype=None, token_weights=None, sym: bool = False,
+                 hessian_weights: bool = True):
     """One gated FFN in fp32 math -> (tensors, rel_error, weighted_rel_error). tensors: gate_up_proj_{qweight,
     scales,zeros}, down_proj_{...}, with AWQ gate_up_proj_input_scale [H] (and down_proj_input_scale [I] where the
     fold is not exact), and the biases (AWQ may have scaled the up bias). AWQ on calibration inputs returns the RTN
@@ -55,7 +57,8 @@ def quantize_ffn(x, w_gate_up, w_down, b_gate_up, b_down, act: Activation, metho
     token_weights [T]: the routing weight each row of x had in the model (routed experts; None: 1), used by AWQ's
     objectives. rel_error: ||FFN_q(x) - FFN(x)|| / ||FFN(x)|| on the calibration inputs; weighted_rel_error: the
     same with row t weighted by token_weights[t] (the error as it reaches the layer's output). Both None without
-    inputs. x None: RTN."""
+    inputs. x None: RTN. sym: GPTQ's symmetric grid; hessian_weights=False: GPTQ's Hessian ignores token_weights
+    (AutoGPTQ), which then only weight the report."""
     dtype = dtype or w_gate_up.dtype
     w_gu, w_d = w_gate_up.float().clone(), w_down.float().clone()
     b_gu = None if b_gate_up is None else b_gate_up.float().clone()
@@ -66,10 +69,11 @@ def quantize_ffn(x, w_gate_up, w_down, b_gate_up, b_down, act: Activation, metho
     if method == "awq":
         out = _awq_ffn(x, w_gu, w_d, b_gu, b_d, act, group_size, dtype, r)
     else:
-        q_gu = _quantize(w_gu, x, method, group_size, act_order, dtype, r)
+        r_h = r if hessian_weights else None
+        q_gu = _quantize(w_gu, x, method, group_size, act_order, dtype, r_h, sym)
         if method == "gptq":  # down is calibrated on what the quantized gate_up really produces
             a_q = gated_activation(_linear(x, _effective(q_gu, None), b_gu), act)
-            q_d = _quantize(w_d, a_q, method, group_size, act_order, dtype, r)
+            q_d = _quantize(w_d, a_q, method, group_size, act_order, dtype, r_h, sym)
         else:
             q_d = rtn(w_d, group_size, dtype)
         out = {**_packed("gate_up_proj", q_gu), **_packed("down_proj", q_d)}
@@ -155,7 +159,7 @@ def _awq_ffn(x, w_gu, w_d, b_gu, b_d, act: Activation, group_size: int, dtype, r
 
 
 def quantize_linears(x, weights: list[torch.Tensor], method: str, group_size: int, act_order=False, dtype=None,
-                     clip: bool = True, fix_scale=None):
+                     clip: bool = True, fix_scale=None, sym: bool = False):
     """Linears reading the same input x [T, K] -> ([tensors per linear], s or None, rel_error). With AWQ, s [K] is
     the searched scale (the weights were multiplied by it); the caller folds 1 / s before the linears or stores it as
     their input scale. clip=False skips AWQ's weight clipping (AutoAWQ skips it for q and k); clipping is kept per
@@ -181,7 +185,7 @@ def quantize_linears(x, weights: list[torch.Tensor], method: str, group_size: in
                     q = q_clipped
             quantized.append(q)
     else:
-        quantized = [_quantize(w, x, method, group_size, act_order, dtype) for w in ws]
+        quantized = [_quantize(w, x, method, group_size, act_order, dtype, sym=sym) for w in ws]
     error = None
     if x is not None:
         w_ref = torch.cat([w.float() for w in weights])

@@ -9,6 +9,10 @@ diagonal). Choices moekern makes:
   - With act_order, columns are processed by decreasing Hessian diagonal, but groups stay the contiguous blocks of G
     input channels with (scale, zero) fixed from the original weights ("static groups", GPTQModel's
     static_groups=True). So g_idx = k // G and the result is in moekern's layout with no permutation at inference.
+    AutoGPTQ's desc_act with its default static_groups=False (what He et al. ran) instead forms each group from G
+    consecutive columns of the processing order, with (scale, zero) from the weights as updated when the group's
+    first column is reached; its g_idx permutes the groups, which moekern's kernel layout cannot hold.
+  - sym=True is AutoGPTQ's symmetric grid (moekern.quant.rtn.group_params), its default.
 """
 
 import torch
@@ -20,7 +24,7 @@ BLOCK = 128
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, act_order: bool = False, damp: float = 0.01,
-         dtype: torch.dtype | None = None):
+         dtype: torch.dtype | None = None, sym: bool = False):
     """w [N, K], h [K, K] -> (q uint8 [N, K], scales [K // G, N], zeros uint8 [K // G, N], g_idx int32 [K])."""
     dtype = dtype or w.dtype
     n, k = w.shape
@@ -32,7 +36,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, act_order: bool = Fa
     if act_order:  # static groups, from the original (dead-zeroed) weights in input order
         original = torch.empty_like(w)
         original[:, perm] = w
-        scales[:], zeros[:] = group_params(original, group_size, dtype)
+        scales[:], zeros[:] = group_params(original, group_size, dtype, sym)
     q = torch.empty(n, k, dtype=torch.uint8, device=w.device)  # in processing order
     block = group_size * -(-BLOCK // group_size)
     for i1 in range(0, k, block):
@@ -43,7 +47,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group_size: int, act_order: bool = Fa
             column = int(perm[i1 + i])
             g = column // group_size
             if not act_order and column % group_size == 0:
-                scales[g], zeros[g] = (t[0] for t in group_params(w1[:, i : i + group_size], group_size, dtype))
+                scales[g], zeros[g] = (t[0] for t in group_params(w1[:, i : i + group_size], group_size, dtype,
+                                                                                sym))
             s, z = scales[g].float(), zeros[g].float()
             code = (w1[:, i] / s).round().add(z).clamp(0, MAX_Q)
             q[:, i1 + i] = code.to(torch.uint8)

@@ -8,6 +8,10 @@ For a weight W [N, K] (out, in) and group size G, each (output row n, group g of
 
 as AutoAWQ computes it (the range is the group's own, not forced to include 0). The scale is rounded to the storage
 dtype first and q is computed with the rounded scale, so dequantization in that dtype is the grid q was chosen on.
+
+sym=True is AutoGPTQ's symmetric grid (auto_gptq/quantization/quantizer.py, Quantizer.find_params with sym=True, its
+default): the range is first widened to include 0, then m = max(|min|, max), scale = 2m / 15 (or m / 15 when the group
+has no negative weight, as there), and zero = 8 for every group; an all-zero group gets the range [-1, 1].
 """
 
 import torch
@@ -26,12 +30,22 @@ def check_group(width: int, group_size: int, what: str = "weight") -> None:
         )
 
 
-def group_params(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, group_size: int, dtype: torch.dtype, sym: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (scales [K // G, N] in `dtype`, zeros uint8 [K // G, N]), the layout's orientation."""
     n, k = w.shape
     check_group(k, group_size)
     groups = w.float().reshape(n, k // group_size, group_size)
     wmax, wmin = groups.amax(dim=-1), groups.amin(dim=-1)
+    if sym:  # AutoGPTQ's find_params, sym=True
+        wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = torch.where(wmin < 0, -wmax, wmin)
+        zero = (wmin == 0) & (wmax == 0)
+        wmin, wmax = wmin.masked_fill(zero, -1.0), wmax.masked_fill(zero, 1.0)
+        scales = ((wmax - wmin) / MAX_Q).to(dtype)
+        zeros = torch.full_like(scales, (MAX_Q + 1) // 2, dtype=torch.uint8)
+        return scales.T.contiguous(), zeros.T.contiguous()
     scales = ((wmax - wmin).clamp(min=1e-5) / MAX_Q).to(dtype)
     zeros = (-wmin / scales.float()).round().clamp(0, MAX_Q).to(torch.uint8)
     return scales.T.contiguous(), zeros.T.contiguous()

@@ -17,6 +17,12 @@ def routed_experts(layer: nn.Module) -> nn.Module | None:
     return experts if experts is not None and isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter) else None
 
 
+def has_mlp(layer: nn.Module) -> bool:
+    """Whether the layer still has an MLP with weights (a routed MoE or a dense MLP, not one Layer Drop removed)."""
+    mlp = getattr(layer, "mlp", None)
+    return mlp is not None and any(True for _ in mlp.parameters())
+
+
 def attention_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     attn = getattr(layer, "self_attn", None)
     if attn is None:
