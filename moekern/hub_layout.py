@@ -73,7 +73,8 @@ def state_from_disk(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 out[f"{name.removesuffix('.weight')}.{part}"] = tensor.T if part != "input_scale" else tensor[0]
             else:  # stacked experts [E, N, K/8] -> [E, K/8, N]; an input scale [E, 1 or 2, K] -> [E, K]
                 out[f"{name}_{part}"] = tensor.transpose(1, 2) if part != "input_scale" else _one_row(name, tensor)
-    return out
+    # the conversions above give transposed views; moekern's kernels read the 4-bit layout where it lies, row-major
+    return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
