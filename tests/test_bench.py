@@ -159,3 +159,17 @@ def test_the_floor_reads_one_embedding_row_per_token():
     model.lm_head.weight = table  # tied, as the shipped model is
     tied = decode_bytes(model, batch=3, kv_cache_bytes=0)
     assert tied["embedding_bytes"] == table.numel() * table.element_size()
+
+
+def test_flops_of_4bit_experts_are_those_of_the_dense_ones(shipped):
+    """4-bit experts do the dense experts' matmuls: the counter must see them whichever kernels the model runs
+    (the C++ CPU kernels and the Triton ones are invisible to it, so counting runs the reference)."""
+    import copy
+
+    import moekern
+    from moekern.bench.flops import forward_flops
+
+    model, _ = shipped
+    dense = forward_flops(model, 16)
+    quantized = moekern.compress(copy.deepcopy(model), "rtn4")
+    assert forward_flops(quantized, 16) == dense > 0

@@ -1,6 +1,7 @@
 """FLOPs of one forward, counted by torch.utils.flop_counter on the aten ops the forward runs."""
 
 import contextlib
+import os
 
 import torch
 
@@ -10,7 +11,7 @@ def forward_flops(model, tokens: int, batch: int = 1) -> int:
     """FLOPs of one forward of `batch` x `tokens` random tokens, without the KV cache (as the paper counts them).
 
     The counter sees only aten ops it has a formula for: Triton and CUDA extension kernels (moekern's path) and
-    torch._grouped_mm (transformers' default experts path) are invisible to it. So every model, baseline or patched,
+    torch._grouped_mm (transformers' default experts path) and the C++ CPU kernels are invisible to it. So every model, baseline or patched,
     is counted with transformers' eager experts (a loop of matmuls over the experts hit) for this one forward: the
     same routing (masks, dropped experts and skips stay in moekern's block), the same math, ops the counter sees."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -36,9 +37,17 @@ def forward_flops_if_it_fits(model, tokens: int) -> int | None:
 
 @contextlib.contextmanager
 def _countable_experts(model):
+    """transformers' eager experts, and moekern's own modules (4-bit experts, the MoE block's experts call, Linears) on
+    the PyTorch reference backend: the C++ CPU kernels are as invisible to the counter as the Triton ones."""
     current = model.config._experts_implementation
+    backend = os.environ.get("MOEKERN_BACKEND")
     model.set_experts_implementation("eager")
+    os.environ["MOEKERN_BACKEND"] = "reference"
     try:
         yield
     finally:
         model.set_experts_implementation(current)
+        if backend is None:
+            os.environ.pop("MOEKERN_BACKEND", None)
+        else:
+            os.environ["MOEKERN_BACKEND"] = backend
