@@ -290,6 +290,8 @@ def _check_contents(target: Path, shown: str, kind: str, overwrite: bool) -> Non
     if not entries:
         return
     found = output_kind(target)
+    if found is None and kind == RUNS and _holds_only_outputs(target, entries):
+        return  # a folder of moekern's outputs (moekern-runs/ after `moekern paper --out moekern-runs/paper`)
     if found is None:
         listed = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
         raise MoekernError(f"{shown!r} already exists and holds files moekern did not write ({listed}); moekern "
@@ -300,6 +302,13 @@ def _check_contents(target: Path, shown: str, kind: str, overwrite: bool) -> Non
     if kind == MODEL and not overwrite:
         raise MoekernError(f"{shown!r} already holds a moekern model; pass --overwrite (overwrite=True in Python) to "
                            f"replace it, or give a new folder")
+
+
+def _holds_only_outputs(target: Path, entries: list[str]) -> bool:
+    """Whether every entry of `target` is a moekern output folder, or a lock or leftover that moekern keeps beside
+    one (hidden, named .NAME.moekern-...)."""
+    return all((name.startswith(".") and ".moekern-" in name) or
+               ((target / name).is_dir() and output_kind(target / name) is not None) for name in entries)
 
 
 def _check_writable(target: Path, shown: str, kind: str) -> None:

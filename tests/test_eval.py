@@ -30,7 +30,8 @@ def test_eval_offline_tasks_on_the_shipped_model(tmp_path, capsys):
     assert "moekern_heldout_mc" in capsys.readouterr().out
 
 
-def test_unknown_task_lists_the_known_ones(capsys):
+def test_unknown_task_lists_the_known_ones(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is moekern-runs in the current folder: not the checkout's
     assert main(["eval", "shipped", "--tasks", "arc_easy", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'arc_easy'" in err and "winogrande" in err and "moekern_heldout_mc" in err

@@ -239,3 +239,19 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
     assert cli.main(["compress", "shipped", "--recipe", "bogus=1", "--out", str(tmp_path / "a" / "b" / "c")]) == 2
     assert "unknown recipe step" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_of_moekern_outputs_takes_runs(tmp_path):
+    """The README's main job writes moekern-runs/paper; `moekern bench` then writes into moekern-runs itself."""
+    from moekern.bench.records import RecordWriter
+
+    with folders.claim(tmp_path / "runs" / "paper", folders.RUNS):
+        RecordWriter(tmp_path / "runs" / "paper", "paper.jsonl").write("run", command="paper")
+    with folders.claim(tmp_path / "runs", folders.RUNS):
+        RecordWriter(tmp_path / "runs", "bench.jsonl").write("run", command="bench")
+    assert (tmp_path / "runs" / "bench.jsonl").is_file() and (tmp_path / "runs" / "paper" / "paper.jsonl").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sub").mkdir()  # a folder moekern did not write makes its parent not moekern's
+    with pytest.raises(MoekernError, match="did not write"):
+        with folders.claim(tmp_path / "other", folders.RUNS):
+            pass
