@@ -1,7 +1,6 @@
 """FLOPs of one forward, counted by torch.utils.flop_counter on the aten ops the forward runs."""
 
 import contextlib
-import os
 
 import torch
 
@@ -39,15 +38,12 @@ def forward_flops_if_it_fits(model, tokens: int) -> int | None:
 def _countable_experts(model):
     """transformers' eager experts, and moekern's own modules (4-bit experts, the MoE block's experts call, Linears) on
     the PyTorch reference backend: the C++ CPU kernels are as invisible to the counter as the Triton ones."""
+    from moekern.ops import backend
+
     current = model.config._experts_implementation
-    backend = os.environ.get("MOEKERN_BACKEND")
     model.set_experts_implementation("eager")
-    os.environ["MOEKERN_BACKEND"] = "reference"
     try:
-        yield
+        with backend.reference():
+            yield
     finally:
         model.set_experts_implementation(current)
-        if backend is None:
-            os.environ.pop("MOEKERN_BACKEND", None)
-        else:
-            os.environ["MOEKERN_BACKEND"] = backend

@@ -12,11 +12,9 @@ checks by hash that the router and 4-bit weights are bit-identical after trainin
 `skip`, the skip thresholds are measured again on the training data after training, and the report gives the move.
 """
 
-import contextlib
 import copy
 import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -26,6 +24,7 @@ import torch
 
 from moekern.errors import MoekernError
 from moekern.finetune.config import FinetuneConfig
+from moekern.ops import backend
 
 SHIPPED_SEQ_LEN = 256  # the shipped model's training length
 
@@ -106,7 +105,7 @@ def finetune(model, data=None, out=None, config: FinetuneConfig = FinetuneConfig
     frozen = frozen_digests(model, config)
     rows = FrozenRows(model)
     fingerprint = {**fingerprint, "data": examples.describe(), "settings": _settings(config), "seq_len": seq_len}
-    with reference_backend():  # moekern's kernels have no backward: train on the differentiable reference path
+    with backend.reference():  # moekern's kernels have no backward: train on the differentiable reference path
         history = train(model, examples, config, pad_id, checkpoint_dir=checkpoint_dir, resume=resume,
                         fingerprint=fingerprint, progress=progress, frozen_rows=rows, stop_after=stop_after)
     unchanged = frozen == frozen_digests(model, config, names=frozen.keys())
@@ -287,7 +286,7 @@ def remeasure_skip(model, examples, seq_len: int, samples: int) -> dict | None:
         return None
     before = {i: b for i, b in enumerate(d["skip_beta"]) if b is not None}
     blocks = examples.blocks(samples, seq_len)
-    with reference_backend():
+    with backend.reference():
         after = skip_thresholds(measure(model, blocks, record_tokens=False), skip.quantile)
     surgery.set_skip_beta(model, after)
     changes = [abs(after[i] - before[i]) for i in after if i in before]
@@ -296,18 +295,6 @@ def remeasure_skip(model, examples, seq_len: int, samples: int) -> dict | None:
             "max_abs_change": max(changes) if changes else None,
             "mean_abs_change": sum(changes) / len(changes) if changes else None}
 
-
-@contextlib.contextmanager
-def reference_backend():
-    previous = os.environ.get("MOEKERN_BACKEND")
-    os.environ["MOEKERN_BACKEND"] = "reference"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MOEKERN_BACKEND", None)
-        else:
-            os.environ["MOEKERN_BACKEND"] = previous
 
 
 def default_seq_len(model, tokenizer) -> int:

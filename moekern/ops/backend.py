@@ -10,6 +10,7 @@ MOEKERN_BACKEND=auto|triton|cpu|reference (default auto):
 The decision is a host-side lookup (an environment read and a device check per MoE call), never data-dependent.
 """
 
+import contextlib
 import os
 
 import torch
@@ -23,6 +24,21 @@ def requested() -> str:
     if choice not in BACKENDS:
         raise ValueError(f"MOEKERN_BACKEND={choice!r}; choose one of {', '.join(BACKENDS)}")
     return choice
+
+
+@contextlib.contextmanager
+def reference():
+    """MOEKERN_BACKEND=reference for the duration: autograd (the kernels have no backward) and torch's FLOP counter
+    (which sees neither the Triton nor the C++ kernels) need the PyTorch path."""
+    previous = os.environ.get("MOEKERN_BACKEND")
+    os.environ["MOEKERN_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MOEKERN_BACKEND", None)
+        else:
+            os.environ["MOEKERN_BACKEND"] = previous
 
 
 def backend_for(device: torch.device) -> str:
