@@ -28,6 +28,8 @@ from moekern.errors import MoekernError
     ("sparsegpt=2:4 + expert-drop=1:layerwise + enum-prune=6", "sparsegpt=2:4+expert-drop=1:layerwise+enum-prune=6"),
     ("expert-drop=2:global+skip=q0.5", "expert-drop=2+skip"),
     ("block-drop=1:iterative", "block-drop=1:iterative"),
+    ("rtn4:attn+skip", "rtn4:attn+skip"),
+    ("gptq4:attn:autogptq:g64", "gptq4:g64:autogptq:attn"),
 ])
 def test_parse_and_format_round_trip(text, canonical):
     recipe = Recipe.parse(text)
@@ -142,6 +144,30 @@ def test_slimming_and_trimming_in_both_orders():
         assert result.after["state_bytes"] < result.before["state_bytes"]
         with torch.no_grad():
             assert torch.isfinite(result.model(ids).logits).all()
+
+
+def test_attn_quantizes_the_attention_projections_too(tmp_path):
+    from moekern.modules.quant import QuantizedExperts, QuantizedLinear
+
+    model = tiny_model("mixtral", intermediate_size=32)
+    ids = torch.randint(3, 97, (2, 6))
+    experts_only = moekern.compress(model, "rtn4:g32")
+    with_attention = moekern.compress(model, "rtn4:g32:attn")
+    for out in (experts_only, with_attention):
+        assert any(isinstance(m, QuantizedExperts) for m in out.modules())
+    attention = [m for name, m in with_attention.named_modules() if ".self_attn." in name]
+    assert attention and all(isinstance(m, QuantizedLinear) for m in attention if isinstance(m, (QuantizedLinear,
+                                                                                                 torch.nn.Linear)))
+    assert sum(isinstance(m, QuantizedLinear) for m in attention) == 4 * model.config.num_hidden_layers
+    assert not any(isinstance(m, QuantizedLinear) for name, m in experts_only.named_modules() if ".self_attn." in name)
+    assert surgery.decisions(with_attention)["recipe"] == "rtn4:g32:attn"
+    with torch.no_grad():
+        expected = with_attention(ids).logits
+    moekern.save(with_attention, tmp_path / "out")
+    loaded, _ = moekern.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 4 * model.config.num_hidden_layers
 
 
 def test_a_recipe_without_calibration_data_says_how_to_give_it():

@@ -431,7 +431,8 @@ def method_label(recipe, model) -> str:
     trims, slims = [], []
     for step in recipe.steps:
         if isinstance(step, Quantize):
-            slims.append(f"w/ {step.method.upper()}" + ("" if step.group_size == 128 else f" g{step.group_size}"))
+            slims.append(f"w/ {step.method.upper()}" + ("" if step.group_size == 128 else f" g{step.group_size}")
+                         + (" + attention" if step.attention else ""))
         elif isinstance(step, Prune):
             name = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}[step.method]
             slims.append(f"w/ {name} " + (f"{step.n}:{step.m}" if step.n else f"{step.sparsity:.0%}"))

@@ -13,6 +13,8 @@ Steps are joined by "+"; a step's options follow it after ":" in any order (e.g.
       gptq4:act, gptq4:sym   act-order (columns by decreasing Hessian diagonal) and AutoGPTQ's symmetric grid
       gptq4:autogptq         AutoGPTQ's defaults as He et al. ran them: act-order, symmetric, and each expert's
                              Hessian without moekern's routing weights
+      ...:attn               quantize the attention projections too (as llama.cpp's Q4_0 does): a decode step then
+                             reads 4-bit attention as well; the paper, and the default, quantize the experts only
     wanda=0.5, sparsegpt=0.5 unstructured pruning to that sparsity;  wanda=2:4, sparsegpt=4:8 for N:M sparsity
       ...:shared             prune the shared experts too (the paper's Table 5 and "w/" rows of Table 8)
   Expert Trimming (in the order written)
@@ -58,12 +60,13 @@ class Quantize:
     act_order: bool = False  # gptq ":act"
     sym: bool = False  # gptq ":sym"
     scheme: str = "moekern"  # awq: "moekern" | "autoawq"
+    attention: bool = False  # ":attn": the attention projections are quantized too
     slimming = True
 
     def __str__(self):
         return (f"{self.method}{self.bits}" + ("" if self.group_size == DEFAULT_GROUP else f":g{self.group_size}")
                 + (":act" if self.act_order else "") + (":sym" if self.sym else "")
-                + ("" if self.scheme == "moekern" else f":{self.scheme}"))
+                + ("" if self.scheme == "moekern" else f":{self.scheme}") + (":attn" if self.attention else ""))
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,12 @@ class Skip:
 
 
 Step = Quantize | Prune | ExpertDrop | LayerDrop | BlockDrop | EnumPrune | Skip
-SYNTAX = ("rtn4, awq4[:autoawq], gptq4[:act][:sym] or gptq4:autogptq (each optionally :g128/:g64/:g32), wanda=0.5[:shared], "
+SYNTAX = ("rtn4, awq4[:autoawq], gptq4[:act][:sym] or gptq4:autogptq (each optionally :g128/:g64/:g32 and :attn), "
+          "wanda=0.5[:shared], "
           "sparsegpt=2:4[:shared], expert-drop=N[:global|:layerwise][:nofloor][:topk], "
           "layer-drop=N[:iterative], block-drop=N[:iterative], enum-prune=R[:all], skip or skip=q0.3")
 # The options each step takes after its name or value (":option"); the first of a group is the default.
-QUANT_OPTIONS = {"rtn": (), "awq": ("autoawq",), "gptq": ("act", "sym", "autogptq")}
+QUANT_OPTIONS = {"rtn": ("attn",), "awq": ("autoawq", "attn"), "gptq": ("act", "sym", "autogptq", "attn")}
 COUNTED_OPTIONS = {"expert-drop": ("global", "layerwise", "nofloor", "topk"), "layer-drop": ("oneshot", "iterative"),
                    "block-drop": ("oneshot", "iterative"), "enum-prune": ("all",)}
 EXCLUSIVE = ({"global", "layerwise"}, {"oneshot", "iterative"})
@@ -211,11 +215,12 @@ def parse_step(text: str) -> Step:
             else:
                 allowed = ", ".join(f":{o}" for o in ("g128", "g64", "g32", *QUANT_OPTIONS[method]))
                 raise MoekernError(f"recipe step {raw!r}: {method}4 takes {allowed}, not :{option}")
-        if "autogptq" in flags and len(flags) > 1:
+        if "autogptq" in flags and len(set(flags) - {"attn"}) > 1:
             raise MoekernError(f"recipe step {raw!r}: :autogptq already means act-order and the symmetric grid; "
                                f"write gptq4:autogptq")
         scheme = next((f for f in flags if f in ("autoawq", "autogptq")), "moekern")
-        return Quantize(method, 4, group, act_order="act" in flags, sym="sym" in flags, scheme=scheme)
+        return Quantize(method, 4, group, act_order="act" in flags, sym="sym" in flags, scheme=scheme,
+                        attention="attn" in flags)
     name, equals, value = text.partition("=")
     if not equals:
         name, _, rest = name.partition(":")
@@ -417,7 +422,7 @@ def _slimming_config(step):
             f"step {step}: Expert Slimming (moekern.quant) is not available in this build ({exc})") from exc
     if isinstance(step, Quantize):
         return QuantConfig(method=step.method, bits=step.bits, group_size=step.group_size, act_order=step.act_order,
-                           sym=step.sym, scheme=step.scheme)
+                           sym=step.sym, scheme=step.scheme, quantize_attention=step.attention)
     if step.n is not None:
         return PruneConfig(method=step.method, sparsity=None, n=step.n, m=step.m, prune_shared_experts=step.shared)
     return PruneConfig(method=step.method, sparsity=step.sparsity, prune_shared_experts=step.shared)
