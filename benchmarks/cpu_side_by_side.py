@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu"
 PEER = Path(os.environ.get("PEER", ROOT.parent / "shared" / "tools" / "llamacpp-peer"))  # ../shared beside the checkout
+PEER_HOME = Path(os.environ.get("PEER_HOME", Path.home() / ".cache" / "moekern-peer"))
 LINE = re.compile(r"llama\.cpp (\S+)\s+prefill (\d+) tokens\s+([\d.]+) tok/s\s+decode\s+([\d.]+) ms/step")
 
 
@@ -33,6 +34,40 @@ def run(command: list[str], env=None) -> str:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     print(done.stdout, flush=True)
     return done.stdout
+
+
+# What one llama.cpp decode step must read, from the GGUF file the peer timed (read with llama.cpp's own gguf-py in
+# the peer's environment): every tensor, but of the expert tensors the top_k / E share a token selects and of the
+# token embedding one row; the same accounting as moekern's bytes floor.
+GGUF_BYTES = """
+import json, sys
+sys.path[:0] = [sys.argv[1]]
+import gguf
+reader = gguf.GGUFReader(sys.argv[2])
+top_k, total = int(sys.argv[3]), 0
+for t in reader.tensors:
+    shape = [int(d) for d in t.shape]
+    if "_exps." in t.name:
+        total += t.n_bytes * top_k // shape[-1]
+    elif t.name == "token_embd.weight":
+        total += t.n_bytes // shape[-1]
+    else:
+        total += t.n_bytes
+print(json.dumps({"step_bytes": total}))
+"""
+
+
+def llamacpp_step_bytes(folder: Path, kind: str = "q4_0") -> int | None:
+    """Bytes a one-token llama.cpp decode step reads from the GGUF the peer wrote for `folder`, or None if absent."""
+    gguf_file = PEER_HOME / "gguf" / f"{folder.name}-{kind}.gguf"
+    sources = list(PEER_HOME.glob("llama_cpp_python-*/vendor/llama.cpp/gguf-py"))
+    python = PEER_HOME / "venv" / "bin" / "python"
+    if not (gguf_file.exists() and sources and python.exists()):
+        return None
+    top_k = json.loads((folder / "config.json").read_text()).get("num_experts_per_tok", 2)
+    done = subprocess.run([str(python), "-c", GGUF_BYTES, str(sources[0]), str(gguf_file), str(top_k)],
+                          capture_output=True, text=True)
+    return json.loads(done.stdout)["step_bytes"] if done.returncode == 0 else None
 
 
 def main(argv=None) -> int:
@@ -58,6 +93,9 @@ def main(argv=None) -> int:
     for kind, context, tok_s, step_ms in LINE.findall(run(peer_command, env)):
         record["llama.cpp"][kind] = {"prefill_tok_s": float(tok_s), "decode_step_ms": float(step_ms)}
     record["llama.cpp_command"] = " ".join(peer_command)
+    step_bytes = llamacpp_step_bytes(args.folder)
+    if step_bytes and "q4_0" in record["llama.cpp"]:
+        record["llama.cpp"]["q4_0"]["step_bytes"] = step_bytes
     for recipe in args.recipes:
         for dtype in args.dtypes:
             out = Path(tempfile.mkdtemp()) / "bench"
@@ -70,6 +108,14 @@ def main(argv=None) -> int:
             record["moekern"][f"{recipe} ({dtype})"] = {"command": " ".join(command[1:]), "speeds": speeds}
             shutil.rmtree(out.parent)
     q4 = record["llama.cpp"].get("q4_0", {}).get("decode_step_ms")
+    copy = [s["floor_bytes"] / s["floor_step_s"] for r in record["moekern"].values() for s in r["speeds"]
+            if s.get("floor_step_s")]
+    if q4 and step_bytes and copy:
+        # llama.cpp's own distance from the bytes floor, at the copy bandwidth moekern's runs measured (their median)
+        floor_ms = step_bytes / sorted(copy)[len(copy) // 2] * 1e3
+        record["llama.cpp"]["q4_0"]["x_floor"] = q4 / floor_ms
+        print(f"llama.cpp Q4_0 reads {step_bytes / 1e6:.1f} MB a step: floor {floor_ms:.2f} ms, "
+              f"x floor {q4 / floor_ms:.2f}")
     for recipe, result in record["moekern"].items():
         for s in result["speeds"]:
             ms = s["decode_step_median_s"] * 1e3

@@ -107,6 +107,21 @@ def build_directory() -> Path:
     return root / "cpu-kernels" / tag
 
 
+def _staged_sources(folder: Path) -> Path:
+    """The sources copied into the build folder, which its name already keys by their content: ninja's build file
+    names the source paths, so two checkouts of the same sources building from their own paths would rebuild (and
+    lock) each other's cache; from one staged copy they share it. Each file is written whole, then renamed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (*SOURCES, *HEADERS):
+        text = (SOURCE_DIR / name).read_bytes()
+        target = folder / name
+        if not target.exists() or target.read_bytes() != text:
+            partial = folder / f".{name}.{os.getpid()}"
+            partial.write_bytes(text)
+            os.replace(partial, target)
+    return folder
+
+
 def _jit_build():
     from torch.utils import cpp_extension
 
@@ -121,8 +136,9 @@ def _jit_build():
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "moekern_cpu.so").exists():
         _say(f"building the C++ CPU kernels once into {directory} (about a minute) ...")
+    sources = _staged_sources(directory / "src")
     try:
-        cpp_extension.load(name="moekern_cpu", sources=[str(SOURCE_DIR / s) for s in SOURCES],
+        cpp_extension.load(name="moekern_cpu", sources=[str(sources / s) for s in SOURCES],
                            extra_cflags=CFLAGS, build_directory=str(directory), is_python_module=False,
                            verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler error, a missing tool
