@@ -1,13 +1,18 @@
 """moekern's 4-bit decode next to llama.cpp's, on the same random-weight Mixtral-shaped folder, the same threads and
-context, one after the other on the same machine: the CPU peer that runs at the memory floor.
+context, on the same machine: the CPU peer that runs at the memory floor.
 
-    python benchmarks/cpu_side_by_side.py                 # writes /tmp/mixtral-1l if missing, ~25 minutes
-    python benchmarks/cpu_side_by_side.py --recipes rtn4 rtn4+skip --threads 2 --context 128
+    python benchmarks/cpu_side_by_side.py                 # writes /tmp/mixtral-1l if missing, ~15 minutes
+    python benchmarks/cpu_side_by_side.py --recipes rtn4 rtn4:attn+skip --threads 2 --context 128 --rounds 10
 
 Runs ../shared/tools/llamacpp-peer FOLDER THREADS CONTEXT (llama.cpp Q4_0, BF16 and F32 through llama-cpp-python;
 PEER env var: another path to that tool), then `python -m moekern.cli bench FOLDER --recipe R --context C
 --batch-sizes 1 --device cpu` for each recipe (rtn4; rtn4+skip: per-token skip, the compression llama.cpp has no
 counterpart for), and writes benchmarks/results/cpu/side_by_side.json with both sides' figures and the commands.
+
+Those runs follow one another, minutes apart, and this machine's speed drifts by tens of percent over minutes (other
+tenants share its memory): the verdict comes from the interleaved part. llama.cpp (the peer's Q4_0 file, in the
+peer's environment) and one moekern process per recipe each hold their model after a prefill of --context tokens
+and take turns decoding --steps tokens, for --rounds rounds; each round's ratio compares turns a few seconds apart.
 """
 
 import argparse
@@ -70,18 +75,125 @@ def llamacpp_step_bytes(folder: Path, kind: str = "q4_0") -> int | None:
     return json.loads(done.stdout)["step_bytes"] if done.returncode == 0 else None
 
 
+LLAMA_WORKER = """
+import json, sys, time, llama_cpp
+path, threads, context, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_ctx=context + total + 64, n_threads=threads, n_threads_batch=threads,
+                      n_batch=context, verbose=False)
+llm.eval([10 + i % 200 for i in range(context)])
+for i in range(4):
+    llm.eval([100 + i])
+print("ready", flush=True)
+i = 0
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        t = time.perf_counter(); llm.eval([100 + i % 200]); times.append(time.perf_counter() - t); i += 1
+    print(json.dumps(times), flush=True)
+"""
+
+
+def moekern_worker(folder: str, recipe: str, dtype: str, context: int) -> None:
+    """One side of the interleaved comparison: the folder compressed by `recipe` under moekern, prefilled with
+    `context` random tokens; then for each number N read from stdin, N greedy decode steps, their seconds printed."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekern.bench.variants import make_variant
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    model = make_variant(model, AutoTokenizer.from_pretrained(folder), recipe)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            times = []
+            for _ in range(int(line)):
+                started = time.perf_counter()
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                times.append(time.perf_counter() - started)
+            print(json.dumps(times), flush=True)
+
+
+def interleaved(args, env) -> dict | None:
+    """llama.cpp Q4_0 and moekern's recipes taking turns (see the module doc); None where the peer's file is absent."""
+    import statistics
+
+    gguf_file = PEER_HOME / "gguf" / f"{args.folder.name}-q4_0.gguf"
+    python = PEER_HOME / "venv" / "bin" / "python"
+    if not (gguf_file.exists() and python.exists()):
+        return None
+    total = (args.rounds + 1) * args.steps
+    sides = {"llama.cpp q4_0": [str(python), "-c", LLAMA_WORKER, str(gguf_file), str(args.threads),
+                                str(args.context), str(total)]}
+    for recipe in args.recipes:
+        sides[f"moekern {recipe} ({args.interleave_dtype})"] = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", str(args.folder), recipe,
+            args.interleave_dtype, str(args.context)]
+    workers = {}
+    try:
+        for name, command in sides.items():  # one at a time: a compression's peak memory is transient
+            print(f"$ {' '.join(command[:2] if 'llama' in name else command)} ...", flush=True)
+            workers[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             text=True)
+            line = workers[name].stdout.readline()
+            if line.strip() != "ready":
+                sys.exit(f"{name} did not start (exit {workers[name].wait()})")
+        times = {name: [] for name in workers}
+        names = list(workers)
+        for r in range(args.rounds + 1):  # round 0 warms every side up again after the others loaded; not kept
+            for name in names[r % len(names):] + names[:r % len(names)]:  # who goes first rotates
+                workers[name].stdin.write(f"{args.steps}\n")
+                workers[name].stdin.flush()
+                turn = json.loads(workers[name].stdout.readline())
+                if r:
+                    times[name].append(turn)
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    llama = "llama.cpp q4_0"
+    result = {"rounds": args.rounds, "steps_per_turn": args.steps, "sides": {}}
+    for name, turns in times.items():
+        flat = [t for turn in turns for t in turn]
+        side = {"decode_step_median_ms": statistics.median(flat) * 1e3, "turn_medians_ms":
+                [statistics.median(turn) * 1e3 for turn in turns]}
+        if name != llama:
+            side["vs_llama.cpp_per_round"] = [statistics.median(a) / statistics.median(b)
+                                              for a, b in zip(turns, times[llama], strict=True)]
+            side["vs_llama.cpp_median"] = statistics.median(side["vs_llama.cpp_per_round"])
+        result["sides"][name] = side
+        print(f"interleaved {name:<36} decode {side['decode_step_median_ms']:7.2f} ms/step"
+              + (f", {side['vs_llama.cpp_median']:.2f}x llama.cpp Q4_0 (median of the rounds' ratios)"
+                 if name != llama else ""), flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/mixtral-1l"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--recipes", nargs="+", default=["rtn4", "rtn4+skip"])
+    parser.add_argument("--recipes", nargs="+", default=["rtn4", "rtn4+skip", "rtn4:attn", "rtn4:attn+skip"])
     # llama.cpp's Q4_0 also quantizes attention and the output matrix; moekern's recipes quantize the routed experts
     # and keep the rest in the model's dtype: bfloat16 halves those bytes (the closer comparison)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (0: none)")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps a side takes per turn")
+    parser.add_argument("--interleave-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--worker", nargs=4, metavar=("FOLDER", "RECIPE", "DTYPE", "CONTEXT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "side_by_side.json")
     args = parser.parse_args(argv)
+    if args.worker:
+        folder, recipe, dtype, context = args.worker
+        moekern_worker(folder, recipe, dtype, int(context))
+        return 0
     if not (args.folder / "config.json").exists():
         run([sys.executable, "benchmarks/peer_model.py", str(args.folder)])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
@@ -121,6 +233,8 @@ def main(argv=None) -> int:
             ms = s["decode_step_median_s"] * 1e3
             ratio = f", {ms / q4:.2f}x llama.cpp Q4_0's {q4:.2f} ms" if q4 else ""
             print(f"{recipe:<22} {s['variant']:<24} decode {ms:8.2f} ms/step{ratio}")
+    if args.rounds:
+        record["interleaved"] = interleaved(args, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"-> {args.out}")
