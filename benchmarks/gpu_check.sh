@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU part of the project in one call, about 10 minutes; everything lands in OUT_DIR:
+# The GPU checks of the project in one script, about 10 minutes on an H100 or H200; everything lands in OUT_DIR:
 #   0. the device's own ceilings first: device-to-device copy bandwidth and bf16 matmul rate (peaks.json); every
 #      later stage reads them instead of datasheet figures;
 #   1. the kernel tests with the interpreter off (MOEKERN_TEST_GPU=1): the compiled kernels against the reference,
@@ -10,7 +10,7 @@
 #      skipped, its floor from the measured bandwidth and matmul rate;
 #   3. end-to-end speed of a shrunk Mixtral-8x7B preset (random weights), bf16 and 4-bit, against transformers;
 #   4. the main job (`moekern paper`) at the paper's GPU settings on the shipped model.
-# Run from the source tree (the device image has torch, triton and transformers; no network):
+# Run from the source tree on a CUDA machine with torch, triton and transformers (no network needed):
 #   benchmarks/gpu_check.sh OUT_DIR
 # Every stage has its own time limit and writes as it goes; a stage that fails does not stop the next. Compare the
 # kernel figures with the static report (benchmarks/results/static/report.md: issue-rate ceilings from the SASS) and

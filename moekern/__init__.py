@@ -14,8 +14,7 @@ from importlib import import_module
 
 from moekern import architectures
 from moekern.errors import MoekernError
-
-__version__ = "0.1.0"
+from moekern.version import __version__
 
 # moekern's model types (checkpoints transformers' own classes cannot hold) join transformers' Auto classes as soon
 # as those are imported, without importing transformers here.

@@ -21,97 +21,19 @@ import importlib.abc
 import sys
 import warnings
 
-PREFIX = "moekern_"
-# The families moekern knows, by model_type, with the prefix of their transformers class names.
-CLASS_STEMS = {
-    "mixtral": "Mixtral",
-    "qwen2_moe": "Qwen2Moe",
-    "qwen3_moe": "Qwen3Moe",
-    "olmoe": "Olmoe",
-    "deepseek_v2": "DeepseekV2",
-    "deepseek_v3": "DeepseekV3",
-    "gpt_oss": "GptOss",
-}
+from moekern.model_types import CLASS_STEMS, PREFIX, architecture, base_model_type, moekern_model_type  # noqa: F401
+
 CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 MODELING_MODULE = "transformers.models.auto.modeling_auto"
+_MOVED = ("base_config", "name_for_disk", "standard_architecture")  # now in moekern.config_on_disk
 
 
-def moekern_model_type(base: str) -> str:
-    return PREFIX + base
+def __getattr__(name: str):
+    if name in _MOVED:  # imported on use: `import moekern` imports this module and must not import torch
+        from moekern import config_on_disk
 
-
-def architecture(base: str) -> str:
-    """The architecture name of a non-standard checkpoint of family `base`, e.g. MoekernMixtralForCausalLM."""
-    return f"Moekern{CLASS_STEMS[base]}ForCausalLM"
-
-
-def base_model_type(model_type: str | None) -> str | None:
-    """The family of a moekern model_type (moekern_mixtral -> mixtral); None for any other model_type."""
-    if model_type and model_type.startswith(PREFIX) and model_type[len(PREFIX):] in CLASS_STEMS:
-        return model_type[len(PREFIX):]
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Which saved models need the moekern names
-# ----------------------------------------------------------------------------------------------------------------------
-def standard_architecture(model, config) -> bool:
-    """Whether `model`, saved with `config` (its on-disk config), is its family's plain architecture: no removed
-    MoE, no skip, no module of moekern's own with tensors of its own (4-bit experts and linears, adapters), and
-    every MoE layer stores exactly config's expert count, all alive."""
-    from moekern.models import family_of
-    from moekern.modules.moe import MoEBlock
-    from moekern.surgery import decisions, decoder_layers, is_moe_block
-
-    d = decisions(model)
-    if d["dropped_moe_layers"] or any(beta is not None for beta in d["skip_beta"]):
-        return False
-    for module in model.modules():
-        own_tensors = next(module.parameters(recurse=False), None) is not None or \
-            next(module.buffers(recurse=False), None) is not None
-        if own_tensors and type(module).__module__.startswith("moekern.") and not isinstance(module, MoEBlock):
-            return False
-    count = getattr(config, family_of(model).expert_count_field)
-    for layer in decoder_layers(model):
-        mlp = layer.mlp
-        if not is_moe_block(mlp):
-            continue
-        if mlp.experts.num_experts != count:
-            return False
-        if hasattr(mlp, "alive") and int(mlp.alive.sum()) != mlp.kept_experts.numel():  # masked experts
-            return False
-    return True
-
-
-def name_for_disk(model, config):
-    """`config` (a copy, as it goes to disk) renamed to the moekern model_type and architecture where the model is
-    not a standard architecture (the config classes differ only in their model_type), else named by the model's
-    class as save_pretrained names it."""
-    base = config.model_type
-    if base not in CLASS_STEMS or standard_architecture(model, config):
-        config.architectures = [type(model).__name__]  # as save_pretrained writes it (vLLM picks its class by it)
-        return config
-    register_with_transformers()
-    from moekern import hf_classes
-
-    config.__class__ = hf_classes.CONFIGS[base]
-    vars(config).pop("model_type", None)  # a config read from JSON carries it per instance too
-    config.architectures = [architecture(base)]
-    return config
-
-
-def base_config(config):
-    """A config read from a moekern_* folder, as its family's config (the class that builds the model); any other
-    config unchanged."""
-    base = base_model_type(getattr(config, "model_type", None))
-    if base is None:
-        return config
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config.__class__ = CONFIG_MAPPING[base]
-    vars(config).pop("model_type", None)
-    config.architectures = [f"{CLASS_STEMS[base]}ForCausalLM"]
-    return config
+        return getattr(config_on_disk, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -128,16 +50,15 @@ def register_with_transformers(models: bool = True) -> None:
         return
     _busy.append(True)
     try:
-        from moekern import hf_classes
-
         if not _registered["configs"]:
-            from transformers.models.auto.configuration_auto import AutoConfig
+            from moekern.hf_configs import register_configs
 
-            for config_class in hf_classes.CONFIGS.values():
-                AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            register_configs()
             _registered["configs"] = True
         if (models or MODELING_MODULE in sys.modules) and not _registered["models"]:
             from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
+            from moekern import hf_classes
 
             for base, config_class in hf_classes.CONFIGS.items():
                 AutoModelForCausalLM.register(config_class, hf_classes.MODELS[base], exist_ok=True)

@@ -1,6 +1,9 @@
-"""Reading models from disk: only local folders, only safetensors, no remote code unless the user asks.
+"""moekern.save and moekern.load: only local folders, only safetensors, no remote code unless the user asks.
 
-`load_pretrained` is the one door through which the CLI and the library open a Hugging Face checkpoint.
+`load` is the one door through which the CLI and the library open a model folder: a moekern checkpoint is rebuilt
+from its recorded decisions, a published AutoAWQ / GPTQ folder is converted into moekern's 4-bit modules
+(moekern.quant.hub), and any other Hugging Face folder is read by transformers (load_pretrained). The folder itself
+(which one, its shards, tied weights, tokenizer) is read by moekern.model_files.
 """
 
 import json
@@ -10,40 +13,22 @@ import torch
 
 from moekern import folders
 from moekern.errors import MoekernError
+from moekern.model_files import (  # noqa: F401 (resolve_model_dir, SHIPPED: their home was here)
+    SHIPPED,
+    fill_tied_weights,
+    load_tokenizer,
+    materialise_buffers,
+    read_weights,
+    resolve_model_dir,
+)
 
-SHIPPED = "shipped"  # the name that selects the small model inside the package
 
+def __getattr__(name: str):
+    if name == "config_for_disk":  # its home was here; imported on use, as it imports the model classes
+        from moekern.config_on_disk import config_for_disk
 
-def resolve_model_dir(source: str | Path) -> Path:
-    """The local folder of a model: `shipped` for the packaged model, else a folder holding config.json."""
-    if str(source) == SHIPPED:
-        from moekern.shipped import MODEL_DIR
-
-        source = MODEL_DIR
-    path = Path(source).expanduser()
-    if not path.exists() and not folders.recover(path):  # recover: a save killed mid-swap left it aside
-        raise MoekernError(
-            f"model path {str(path)!r} does not exist. Give a local folder with config.json and *.safetensors "
-            f"(moekern downloads nothing), or '{SHIPPED}' for the small model that ships with moekern."
-        )
-    if not path.is_dir():
-        raise MoekernError(f"model path {str(path)!r} is a file; give the folder that holds config.json")
-    if not (path / "config.json").is_file():
-        raise MoekernError(f"{str(path)!r} has no config.json: it is not a Hugging Face model folder")
-    try:
-        json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise MoekernError(f"{str(path / 'config.json')!r} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
-    if not any(path.glob("*.safetensors")):
-        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        hint = (
-            f" It has {', '.join(pickled)}: moekern never unpickles weights; convert them to safetensors first."
-            if pickled
-            else ""
-        )
-        raise MoekernError(f"{str(path)!r} holds no *.safetensors weights.{hint}")
-    folders.check_shards(path)  # empty, truncated or corrupt shards fail here, whoever reads them next
-    return path
+        return config_for_disk
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_pretrained(
@@ -51,14 +36,15 @@ def load_pretrained(
     dtype: torch.dtype | str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    **from_pretrained,
 ):
     """Load (model, tokenizer) of a plain Hugging Face folder with safetensors weights, in eval mode. A published
-    AutoAWQ (GEMM) or GPTQ checkpoint loads into moekern's 4-bit modules (moekern.quant.hub)."""
+    AutoAWQ (GEMM) or GPTQ checkpoint loads into moekern's 4-bit modules (moekern.quant.hub). Further keyword
+    arguments go to transformers' from_pretrained (e.g. experts_implementation=)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moekern.quant.hub import is_quantized_folder, load_quantized_folder
-
-    from safetensors import SafetensorError
 
     path = resolve_model_dir(source)
     if is_quantized_folder(path):
@@ -72,6 +58,7 @@ def load_pretrained(
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
+            **from_pretrained,
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -118,7 +105,7 @@ def save(model, path: str | Path, tokenizer=None, *, overwrite: bool = False, ad
     that they appear together with the checkpoint."""
     from safetensors.torch import save_file
 
-    from moekern.architectures import name_for_disk
+    from moekern.config_on_disk import config_for_disk, name_for_disk
     from moekern.hub_layout import state_for_disk
     from moekern.models import Family, family_of
     from moekern.surgery import decisions
@@ -156,29 +143,6 @@ def _unique_tensors(model) -> dict:
     return out
 
 
-def config_for_disk(model):
-    """A copy of the config as it goes to disk. Where every MoE layer kept the same number of experts (stored, not
-    masked) and the router has no expert groups, the expert count becomes that number, so the checkpoint is a
-    standard architecture for transformers."""
-    import copy
-
-    from moekern.models import family_of
-    from moekern.surgery import decisions, decoder_layers, is_moe_block
-
-    config = copy.deepcopy(model.config)
-    family = family_of(model)
-    stored = {
-        layer.mlp.experts.num_experts for layer in decoder_layers(model) if is_moe_block(layer.mlp)
-    }
-    masked = any(not bool(layer.mlp.alive.all()) for layer in decoder_layers(model)
-                 if hasattr(layer.mlp, "alive") and not layer.mlp.compact())
-    # Group-limited routing (DeepSeek) is defined over the original groups: fewer experts is not the same router.
-    grouped = family.router_spec(config).n_group > 1
-    count = stored.pop() if len(stored) == 1 and not masked and not grouped else decisions(model)["original_num_experts"]
-    setattr(config, family.expert_count_field, count)
-    return config
-
-
 def load(
     path: str | Path,
     dtype: torch.dtype | None = None,
@@ -190,10 +154,11 @@ def load(
     A folder without moekern decisions is loaded by transformers. Otherwise the architecture is built empty from
     config.json, the recorded decisions are replayed on it (removed MoE layers, kept experts, skip thresholds), and
     only then are the weights read (safetensors) into it. dtype None keeps the checkpoint's dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moekern import architectures, hub_layout, surgery
-
+    from moekern import hub_layout, surgery
+    from moekern.config_on_disk import base_config
+    from moekern.hf_configs import register_configs
     from moekern.models import Family, family_of
     from moekern.schema import validate_decisions
 
@@ -202,12 +167,12 @@ def load(
     if not isinstance(raw, dict) or surgery.KEY not in raw:
         return load_pretrained(path, dtype or "auto", device, trust_remote_code)
     validate_decisions(raw[surgery.KEY], raw, where=str(path / "config.json"))
-    architectures.register_with_transformers()
+    register_configs()  # AutoConfig reads moekern_* model types
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise _load_error(path, exc) from exc
-    config = architectures.base_config(config)  # a moekern_* folder builds its family's class
+    config = base_config(config)  # a moekern_* folder builds its family's class
     state = read_weights(path)
     dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
     if is_remote_code(config):
@@ -229,12 +194,7 @@ def load(
     d = getattr(config, surgery.KEY, None)
     if d:
         replay(model, d, state)
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
-        # safetensors stores a tied tensor once, under one of its names: give it to both before loading
-        for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
-            if target in state or source in state:
-                state.setdefault(target, state.get(source))
-                state.setdefault(source, state[target])
+    fill_tied_weights(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise MoekernError(
@@ -245,10 +205,7 @@ def load(
     model = model.to(dtype=dtype)
     materialise_buffers(model, config)  # after the cast: the rotary inv_freq stays fp32, as transformers keeps it
     model = model.to(device=device).eval()
-    tokenizer = None
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, load_tokenizer(path, trust_remote_code)
 
 
 def replay(model, d: dict, state: dict) -> None:
@@ -290,37 +247,3 @@ def _stored_experts(state: dict, current_layer: int) -> int:
         if f"layers.{current_layer}.mlp.experts.gate_up_proj" in name and tensor.dim() == 3:
             return tensor.shape[0]
     raise MoekernError(f"the checkpoint has no experts for layer {current_layer}; it is corrupt")
-
-
-def read_weights(path: Path) -> dict:
-    """All tensors of a folder's *.safetensors shards, with a clear error for a missing or corrupt shard."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = sorted(p.name for p in path.glob("*.safetensors"))
-    state = {}
-    for shard in shards:
-        if not (path / shard).exists():
-            raise MoekernError(f"weight shard {shard!r} listed in {index.name} is missing from {str(path)!r}")
-        try:
-            tensors = load_file(path / shard)
-        except Exception as exc:  # safetensors raises SafetensorError, an Exception subclass without a stable path
-            raise MoekernError(f"weight shard {str(path / shard)!r} is corrupt or truncated ({exc})") from exc
-        folders.check_finite(tensors.items(), f"weight shard {str(path / shard)!r}")  # while it is in the cache
-        state.update(tensors)
-    return state
-
-
-def materialise_buffers(model, config) -> None:
-    """Non-persistent buffers built on the meta device (the rotary frequencies) are computed again for real."""
-    for name, module in model.named_modules():
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            if "rotary" in type(module).__name__.lower():
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, attr, type(module)(config=getattr(module, "config", config)))
-            else:
-                raise MoekernError(f"moekern cannot rebuild the buffers of {name} ({type(module).__name__})")

@@ -450,7 +450,7 @@ def _seal(tmp: Path, kind: str, command: str | None) -> None:
 
 
 def _write_marker(folder: Path, kind: str, command: str | None) -> None:
-    from moekern import __version__
+    from moekern.version import __version__
 
     marker = folder / MARKER
     marker.write_text(json.dumps({"kind": kind, "moekern": __version__, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -1,7 +1,7 @@
-"""The transformers classes behind the moekern model types (moekern.architectures registers them; importing this
-module imports transformers' config classes, so `import moekern` does not).
+"""The transformers model classes behind the moekern model types (moekern.architectures registers them; the config
+classes are moekern.hf_configs'; importing this module imports transformers' config classes, so `import moekern`
+does not).
 
-    MoekernMixtralConfig            MixtralConfig with model_type "moekern_mixtral", nothing else added
     MoekernMixtralForCausalLM       what AutoModelForCausalLM picks for it: from_pretrained is moekern.load
 
 A moekern checkpoint's structure (experts per layer, removed MoEs, 4-bit modules) is rebuilt from its recorded
@@ -9,10 +9,9 @@ decisions and from the tensors on disk, so it has no from_config: the model is b
 the family's own transformers class with moekern's modules in it.
 """
 
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-from moekern.architectures import CLASS_STEMS, architecture, moekern_model_type
 from moekern.errors import MoekernError
+from moekern.hf_configs import CONFIGS
+from moekern.model_types import CLASS_STEMS, architecture
 
 # from_pretrained arguments that change nothing for a local moekern folder (hub and Auto-class plumbing)
 _IGNORED = {"_from_auto", "adapter_kwargs", "local_files_only", "cache_dir", "revision", "force_download", "proxies",
@@ -64,11 +63,9 @@ class MoekernCausalLM:
     _from_config = from_config
 
 
-CONFIGS: dict[str, type] = {}
 MODELS: dict[str, type] = {}
-for _base, _stem in CLASS_STEMS.items():
-    _config = type(f"Moekern{_stem}Config", (CONFIG_MAPPING[_base],),
-                   {"model_type": moekern_model_type(_base), "__module__": __name__})
+for _base in CLASS_STEMS:
+    _config = CONFIGS[_base]
     _model = type(architecture(_base), (MoekernCausalLM,), {"config_class": _config, "__module__": __name__})
-    globals()[_config.__name__] = CONFIGS[_base] = _config  # module attributes, so that pickle finds them
-    globals()[_model.__name__] = MODELS[_base] = _model
+    globals()[_config.__name__] = _config  # its earlier home (moekern.hf_configs defines it)
+    globals()[_model.__name__] = MODELS[_base] = _model  # module attributes, so that pickle finds them

@@ -113,7 +113,7 @@ def validate_decisions(d, config: dict, where: str = "config.json") -> None:
 
 
 def _check_expert_count(config: dict, kept: list, experts: int, bad) -> None:
-    from moekern.architectures import base_model_type
+    from moekern.model_types import base_model_type
     from moekern.models import FAMILIES
 
     config = {**config, "model_type": base_model_type(config.get("model_type")) or config.get("model_type")}

@@ -16,9 +16,10 @@ from torch import nn
 from moekern import arguments
 from moekern.errors import MoekernError
 from moekern.models import family_of
+from moekern.models.base import DECISIONS_KEY, decisions_of
 from moekern.modules.moe import MoEBlock, RemovedMoE
 
-KEY = "moekern"
+KEY = DECISIONS_KEY
 _COUNT_HINT = " (to remove layer 3 pass [3]; to let moekern choose N layers, use the recipe step {step}=N)"
 
 
@@ -28,19 +29,7 @@ def decisions(model) -> dict:
     found = getattr(config, KEY, None)
     if found:
         return found
-    layers = config.num_hidden_layers
-    fresh = {
-        "dropped_blocks": [],
-        "dropped_moe_layers": [],
-        "kept_experts": [None] * layers,
-        "skip_beta": [None] * layers,
-        "quant": None,
-        "recipe": None,
-        "original_num_hidden_layers": layers,
-        "original_num_experts": getattr(config, family_of(model).expert_count_field),
-    }
-    setattr(config, KEY, fresh)
-    return fresh
+    return decisions_of(model, family_of(model))
 
 
 def original_layer_ids(model) -> list[int]:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from moekern.errors import MoekernError
+from moekern.errors import MoekernError, require
 
 DEFAULT_SAMPLES = 128  # the paper's (and GPTQ's, AWQ's, Wanda's) calibration size
 DEFAULT_SEQ_LEN = 2048
@@ -233,7 +233,7 @@ def _chain(first: str, handle):
 
 
 def _from_parquet(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", "reading parquet files")
 
     try:
         table = pq.read_table(path)
@@ -245,7 +245,7 @@ def _from_parquet(path: Path) -> list[str]:
 
 
 def _from_saved_dataset(path: Path) -> list[str]:
-    import datasets
+    datasets = require("datasets", "reading a saved dataset folder")
 
     try:
         found = datasets.load_from_disk(str(path))

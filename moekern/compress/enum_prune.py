@@ -25,57 +25,12 @@ a gather, not an FFN.
 import itertools
 import math
 
-import torch
-
 from moekern import surgery
-from moekern.compress.stats import TrimStats, router_view
+from moekern.compress.stats import CHUNK_FLOATS, TrimStats, subset_errors  # noqa: F401 (subset_errors: its home was here)
 from moekern.errors import MoekernError
 from moekern.models import family_of
-from moekern.modules.experts import experts_forward
-from moekern.modules.moe import MoEBlock
-from moekern.ops.reference import NO_EXPERT, route
 
 MAX_SUBSETS = 5000
-CHUNK_FLOATS = 1 << 26  # per-expert outputs held at once (256 MB in fp32)
-
-
-def subset_errors(block, family, num_original: int, x: torch.Tensor, y: torch.Tensor,
-                  subsets: list[list[int]], spec=None) -> torch.Tensor:
-    """||y - MoE_S(x)||_F for each subset S (original expert ids) of an MoE block (a MoEBlock, or the HF block it would
-    wrap, whose experts are stored in original order; then `spec` is the family's RouterSpec), on tokens x [T, H]."""
-    spec = spec or block.spec
-    if isinstance(block, MoEBlock):
-        expert_row = block.expert_row
-        stored = block.kept_experts.numel()
-    else:
-        stored = num_original
-        expert_row = torch.arange(num_original, device=x.device)
-    chunk = max(1, CHUNK_FLOATS // (stored * x.shape[1]))
-    masks = torch.zeros(len(subsets), num_original, dtype=torch.bool)
-    for row, subset in enumerate(subsets):
-        masks[row, subset] = True
-    squared = torch.zeros(len(subsets), dtype=torch.float64)
-    device = block.experts.gate_up_proj.device if hasattr(block.experts, "gate_up_proj") else x.device
-    with torch.no_grad():
-        for start in range(0, x.shape[0], chunk):
-            xs = x[start : start + chunk].to(device)
-            ys = y[start : start + chunk].to(device).float()
-            logits, _, bias = router_view(block, family, num_original, xs)
-            # every stored expert on every token, weight 1: [T, stored, H]
-            outputs = torch.stack([
-                experts_forward(block.experts, xs, torch.full((xs.shape[0], 1), row, device=device),
-                                torch.ones(xs.shape[0], 1, device=device)).float()
-                for row in range(stored)
-            ], dim=1)
-            shared = family.shared_output(block, xs)
-            target = ys - (0 if shared is None else shared.float())
-            for index in range(len(subsets)):
-                weights, ids = route(logits, spec, masks[index].to(device), bias)
-                rows = expert_row.to(device)[ids.clamp(min=0)].masked_fill(ids == NO_EXPERT, 0)
-                picked = outputs.gather(1, rows[..., None].expand(-1, -1, outputs.shape[-1]))
-                routed = (weights[..., None] * picked).sum(dim=1)  # empty slots have weight 0
-                squared[index] += float(((target - routed) ** 2).sum())
-    return squared.sqrt()
 
 
 def enumeration_bytes(num_experts: int, keep: int) -> int:

@@ -40,13 +40,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moekern.compress.layerwise import stream_layers
+from moekern.layerwise import stream_layers
 from moekern.errors import MoekernError
+from moekern.modules.experts import experts_forward
 from moekern.models import family_of
 from moekern.modules.moe import MoEBlock
 from moekern.ops.reference import NO_EXPERT, route
 from moekern.surgery import decisions, is_moe_block, original_layer_ids
 
+CHUNK_FLOATS = 1 << 26  # per-expert outputs held at once (256 MB in fp32)
 MAX_TOKENS = 4096  # MoE inputs/outputs kept per layer for enumeration pruning
 MAX_RATIOS = 1 << 16  # routing-weight ratios kept per layer for beta
 
@@ -132,6 +134,45 @@ def router_view(block, family, num_original: int, x: torch.Tensor):
     else:
         alive = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
     return logits, alive.to(logits.device), bias
+
+
+def subset_errors(block, family, num_original: int, x: torch.Tensor, y: torch.Tensor,
+                  subsets: list[list[int]], spec=None) -> torch.Tensor:
+    """||y - MoE_S(x)||_F for each subset S (original expert ids) of an MoE block (a MoEBlock, or the HF block it would
+    wrap, whose experts are stored in original order; then `spec` is the family's RouterSpec), on tokens x [T, H]."""
+    spec = spec or block.spec
+    if isinstance(block, MoEBlock):
+        expert_row = block.expert_row
+        stored = block.kept_experts.numel()
+    else:
+        stored = num_original
+        expert_row = torch.arange(num_original, device=x.device)
+    chunk = max(1, CHUNK_FLOATS // (stored * x.shape[1]))
+    masks = torch.zeros(len(subsets), num_original, dtype=torch.bool)
+    for row, subset in enumerate(subsets):
+        masks[row, subset] = True
+    squared = torch.zeros(len(subsets), dtype=torch.float64)
+    device = block.experts.gate_up_proj.device if hasattr(block.experts, "gate_up_proj") else x.device
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            xs = x[start : start + chunk].to(device)
+            ys = y[start : start + chunk].to(device).float()
+            logits, _, bias = router_view(block, family, num_original, xs)
+            # every stored expert on every token, weight 1: [T, stored, H]
+            outputs = torch.stack([
+                experts_forward(block.experts, xs, torch.full((xs.shape[0], 1), row, device=device),
+                                torch.ones(xs.shape[0], 1, device=device)).float()
+                for row in range(stored)
+            ], dim=1)
+            shared = family.shared_output(block, xs)
+            target = ys - (0 if shared is None else shared.float())
+            for index in range(len(subsets)):
+                weights, ids = route(logits, spec, masks[index].to(device), bias)
+                rows = expert_row.to(device)[ids.clamp(min=0)].masked_fill(ids == NO_EXPERT, 0)
+                picked = outputs.gather(1, rows[..., None].expand(-1, -1, outputs.shape[-1]))
+                routed = (weights[..., None] * picked).sum(dim=1)  # empty slots have weight 0
+                squared[index] += float(((target - routed) ** 2).sum())
+    return squared.sqrt()
 
 
 def routing_scores(logits: torch.Tensor, alive: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -264,7 +305,6 @@ class _LayerRecorder:
         """Add this batch's ||Y_b - MoE_S(X_b)||_F to every subset's loss (Lu et al.)."""
         import itertools
 
-        from moekern.compress.enum_prune import subset_errors
 
         if self.subsets is None:
             survivors = alive.nonzero().flatten().tolist()

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from moekern.errors import MoekernError
+from moekern.errors import MoekernError, require
 from moekern.eval.local_tasks import LOCAL_SPLITS, local_file, local_task_config
 
 # task: (metric, lm-eval 0.4 dataset path and name). acc_norm (length-normalised) where the paper reports it, for the
@@ -51,8 +51,9 @@ def go_offline(data_dir: Path | None) -> None:
     switches at import, so their constants are set too."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import datasets.config
     import huggingface_hub.constants
+
+    datasets = require("datasets", "reading lm-eval task data")
 
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
@@ -90,7 +91,7 @@ def _heldout_perplexity(model, tokenizer, limit: int | None) -> dict:
 
 
 def _lm_eval(model, tokenizer, tasks, limit, data_dir, batch_size, seed):
-    import lm_eval
+    lm_eval = require("lm_eval", "moekern's lm-eval tasks")
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

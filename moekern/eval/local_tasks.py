@@ -12,7 +12,7 @@ The split is the one lm-eval evaluates on: the task's test split where it has on
 
 from pathlib import Path
 
-from moekern.errors import MoekernError
+from moekern.errors import MoekernError, require
 
 # datasets' builder for each file suffix
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -47,7 +47,7 @@ def local_file(task: str, data_dir: Path | None) -> Path | None:
 def local_task_config(manager, task: str, path: Path) -> dict:
     """lm-eval's own config of `task` (its YAML, includes and functions resolved), reading its documents from
     `path` instead of the hub. The task keeps its name, so results are reported under it."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    load_yaml = require("lm_eval.tasks._yaml_loader", "lm-eval tasks from local files").load_yaml
 
     entry = manager.task_index.get(task)
     if entry is None or entry.yaml_path is None:

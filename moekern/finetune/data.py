@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from moekern.errors import MoekernError
+from moekern.errors import MoekernError, require
 
 IGNORE = -100  # the label of a token that is not a target (transformers' and torch's ignore_index)
 FORMATS = ".txt, .jsonl, .json (optionally .gz), .parquet, or a folder saved by datasets.save_to_disk"
@@ -170,7 +170,7 @@ def _json_records(text: str, path: Path) -> list:
 
 
 def _parquet(path: Path) -> list:
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet", "reading parquet files")
 
     try:
         return pq.read_table(path).to_pylist()
@@ -179,7 +179,7 @@ def _parquet(path: Path) -> list:
 
 
 def _saved_dataset(path: Path) -> list:
-    import datasets
+    datasets = require("datasets", "reading a saved dataset folder")
 
     try:
         found = datasets.load_from_disk(str(path))

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from moekern.errors import MoekernError
+from moekern.errors import MoekernError, require
 from moekern.finetune.config import LORA_GROUPS, LoraSpec
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
 from moekern.ops import reference
@@ -221,7 +221,8 @@ def attach(model, spec: LoraSpec) -> dict:
         experts = model.get_submodule(path)
         experts.add_module(ATTR, ExpertsLora.for_experts(experts, spec.r, spec.alpha))
     if found["linears"]:
-        from peft import LoraConfig, inject_adapter_in_model
+        peft = require("peft", "LoRA on Linear layers")
+        LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
         config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
                             target_modules=list(found["linears"]))
@@ -233,7 +234,7 @@ def unload(model, merge_4bit: bool = False) -> dict:
     """Fold the adapters into the weights and remove them: peft's merge for every LoRA Linear (exact in 16-bit), the
     update s * B @ A for 16-bit experts; 4-bit experts keep their adapter unless merge_4bit (requantize_merged).
     Returns {"merged": n, "kept_4bit": n}."""
-    from peft.tuners.lora import LoraLayer
+    LoraLayer = require("peft.tuners.lora", "merging LoRA adapters").LoraLayer
 
     counts = {"merged": 0, "kept_4bit": 0}
     for name, module in list(model.named_modules()):

@@ -1,6 +1,7 @@
 """One adapter per Hugging Face MoE family; `family_of(model_or_config)` finds it or says which ones exist."""
 
 from moekern.errors import MoekernError
+from moekern.model_types import base_model_type
 from moekern.models.base import Family, expert_activation, expert_weights
 from moekern.models.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from moekern.models.deepseek_moe import DEEPSEEK_MOE
@@ -17,8 +18,6 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model_or_config) -> Family:
-    from moekern.architectures import base_model_type
-
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     model_type = base_model_type(model_type) or model_type  # a moekern_* checkpoint's config is its family's

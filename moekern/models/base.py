@@ -11,6 +11,30 @@ import torch.nn.functional as F
 
 from moekern.ops.reference import Activation, RouterSpec
 
+DECISIONS_KEY = "moekern"  # the config field that holds the compression decisions (moekern.surgery.KEY)
+
+
+def decisions_of(model, family: "Family") -> dict:
+    """The compression decisions of a model of `family` (created empty on first use), in original numbering;
+    moekern.surgery.decisions(model) finds the family itself."""
+    config = model.config
+    found = getattr(config, DECISIONS_KEY, None)
+    if found:
+        return found
+    layers = config.num_hidden_layers
+    fresh = {
+        "dropped_blocks": [],
+        "dropped_moe_layers": [],
+        "kept_experts": [None] * layers,
+        "skip_beta": [None] * layers,
+        "quant": None,
+        "recipe": None,
+        "original_num_hidden_layers": layers,
+        "original_num_experts": getattr(config, family.expert_count_field),
+    }
+    setattr(config, DECISIONS_KEY, fresh)
+    return fresh
+
 
 @dataclass(frozen=True)
 class Family:

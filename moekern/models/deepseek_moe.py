@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekern.errors import MoekernError
-from moekern.models.base import Family
+from moekern.models.base import Family, decisions_of
 from moekern.ops.reference import RouterSpec
 
 _STACKED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)$")
@@ -70,14 +70,13 @@ class DeepSeekMoE(Family):
         """Restack every remote MoE block's experts and put a MoEBlock in its place (idempotent)."""
         from moekern.modules.moe import MoEBlock
         from moekern.modules.stacked import StackedExperts
-        from moekern.surgery import decisions, decoder_layers
 
         original = None
-        for layer in decoder_layers(model):
+        for layer in model.get_decoder().layers:
             mlp = getattr(layer, "mlp", None)
             if mlp is None or isinstance(mlp, MoEBlock) or not is_remote_moe(mlp):
                 continue
-            original = original or decisions(model)["original_num_experts"]
+            original = original or decisions_of(model, self)["original_num_experts"]
             mlp.experts = StackedExperts(mlp.experts)
             layer.mlp = MoEBlock(mlp, self, model.config, original)
 

@@ -8,7 +8,6 @@ import sys
 import torch
 
 from moekern.models.base import expert_activation, expert_weights
-from moekern.modules.quant import QuantizedExperts
 from moekern.ops import backend, reference
 
 
@@ -28,7 +27,7 @@ def experts_forward(
     if adapter is not None:  # LoRA over the frozen experts (moekern.finetune.lora): its own differentiable path
         return adapter(experts, hidden_states, top_k_index, top_k_weights)
     device, dtype = hidden_states.device, hidden_states.dtype
-    if isinstance(experts, QuantizedExperts):
+    if is_4bit(experts):
         path = backend.experts_path(device, dtype, experts.group_size)
         if path == "cpu":
             return experts.cpu_forward(hidden_states, top_k_index, top_k_weights)
@@ -58,10 +57,17 @@ def experts_forward(
 _DENSE = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def route(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
-    """Router logits -> (weights, ids) for MoEBlock, with reference.route's semantics: the Triton routing kernel on
-    the Triton backend, the C++ router on the CPU kernels' (one loop per token instead of some twenty small tensor
-    ops, which at decode cost more than the 4-bit experts), reference.route elsewhere. A skipped slot or an empty one
+def is_4bit(experts: torch.nn.Module) -> bool:
+    """Whether `experts` holds packed 4-bit weights (moekern.modules.quant.QuantizedExperts, whose forward calls
+    experts_forward: this module knows it by its packed tensors, so that it need not import it)."""
+    return callable(getattr(experts, "packed", None)) and hasattr(experts, "gate_up_proj_qweight")
+
+
+def select_experts(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
+    """Router logits -> (weights, ids) for MoEBlock (vLLM's name for this step), with reference.route's semantics:
+    the Triton routing kernel (routing.route) on the Triton backend, the C++ router (cpu.route) on the CPU kernels'
+    (one loop per token instead of some twenty small tensor ops, which at decode cost more than the 4-bit experts),
+    reference.route elsewhere. A skipped slot or an empty one
     is NO_EXPERT. expert_row: ids come back as the rows the experts are stored at (both kernels map them in the same
     launch)."""
     path = backend.backend_for(logits.device)
@@ -78,6 +84,9 @@ def route(logits, spec, alive, correction_bias, skip_beta, expert_row=None):
     if expert_row is not None:
         ids = expert_row[ids.clamp(min=0)].masked_fill(ids == reference.NO_EXPERT, reference.NO_EXPERT)
     return weights, ids
+
+
+route = select_experts  # its earlier name
 
 
 def _triton_kernels(device: torch.device):

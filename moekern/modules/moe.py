@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moekern.models.base import Family
-from moekern.modules.experts import experts_forward, route
+from moekern.modules.experts import experts_forward, select_experts
 from moekern.ops.reference import NO_EXPERT
 
 
@@ -61,7 +61,7 @@ class MoEBlock(nn.Module):
             if bias is not None:
                 bias = bias.new_zeros(self.num_original_experts).index_copy_(0, self.kept_experts, bias)
         _record_router_logits(logits)
-        weights, rows = route(logits, self.spec, self.alive, bias, self.skip_beta, expert_row=self.expert_row)
+        weights, rows = select_experts(logits, self.spec, self.alive, bias, self.skip_beta, expert_row=self.expert_row)
         out = experts_forward(self.experts, x, rows, weights)
         shared = self.family.shared_output(self, x)
         if shared is not None:

@@ -101,22 +101,22 @@ def _path_and_reason(device, dtype, group_size):
 
 def describe(model) -> dict:
     """Which path each kind of experts module of `model` takes on its device, for `moekern info`:
-    {"backend": requested, "paths": {"4-bit experts": "cpu (avx512, int8 inner product)", ...}}."""
-    from moekern.modules.quant import QuantizedExperts, QuantizedLinear
-    from moekern.surgery import decoder_layers
-    from moekern.quant.targets import routed_experts
+    {"backend": requested, "paths": {"4-bit experts": "cpu (avx512, int8 inner product)", ...}}.
 
+    ops knows tensors, not moekern's modules: it recognises them by what they hold. 4-bit experts and linears
+    (moekern.modules.quant) carry a `group_size` and packed `qweight` tensors; stacked 16-bit experts a
+    `gate_up_proj` parameter."""
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     paths = {}
-    for layer in decoder_layers(model):
+    for layer in model.get_decoder().layers:
         mlp = getattr(layer, "mlp", None)
         experts = getattr(mlp, "experts", None)
         if experts is None:
             continue
-        if isinstance(experts, QuantizedExperts):
+        if _is_4bit(experts):
             kind, group = "4-bit experts", experts.group_size
-        elif routed_experts(layer) is not None:
+        elif isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
             kind, group = f"{str(dtype).replace('torch.', '')} experts", None
         else:
             continue
@@ -126,9 +126,14 @@ def describe(model) -> dict:
         except ValueError as exc:
             path = f"error: {exc}"
         paths.setdefault(kind, set()).add(path)
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    if any(_is_4bit(m) and hasattr(m, "qweight") for m in model.modules()):
         paths.setdefault("4-bit linears", set()).add(_detail(linear_path(device, dtype), None, quantized=True))
     return {"backend": requested(), "paths": {k: "; ".join(sorted(v)) for k, v in paths.items()}}
+
+
+def _is_4bit(module) -> bool:
+    return isinstance(getattr(module, "group_size", None), int) and any(
+        name.endswith("qweight") for name, _ in module.named_buffers(recurse=False))
 
 
 def linear_path(device: torch.device, dtype: torch.dtype) -> str:

@@ -9,13 +9,14 @@ from torch import nn
 from moekern.errors import MoekernError
 from moekern.models import family_of
 from moekern.models.base import expert_activation, expert_weights
-from moekern.modules.quant import QuantizedExperts, QuantizedLinear
+from moekern.modules.quant import QuantizedExperts
 from moekern.ops.reference import Activation, gated_activation
 from moekern.quant import targets
 from moekern.quant.calibrate import calibrated_layers, check_calibration
 from moekern.quant.config import PruneConfig, QuantConfig
 from moekern.quant.ffn import quantize_ffn, quantize_linears
 from moekern.quant.hessian import hessian
+from moekern.quant.linears import NormFold, replace_linear
 from moekern.quant.prune import sparsegpt, wanda
 from moekern.quant.rtn import check_group
 from moekern.surgery import decisions, decoder_layers
@@ -169,8 +170,8 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
             t = {k.removeprefix("gate_up_proj_"): v for k, v in tensors.items() if k.startswith("gate_up_proj_")}
             # each linear its own copy: safetensors would drop a tensor that two names share
             t = {k: (v[..., rows] if k in ("qweight", "scales", "zeros") else v).clone() for k, v in t.items()}
-            _replace_linear(layer, name, t, linears[name])
-        _replace_linear(layer, down, {k.removeprefix("down_proj_"): v for k, v in tensors.items()
+            replace_linear(layer, name, t, linears[name])
+        replace_linear(layer, down, {k.removeprefix("down_proj_"): v for k, v in tensors.items()
                                       if k.startswith("down_proj_")}, dn)
         done.update((gate, up, down))
         entry["linears"] += 3
@@ -179,16 +180,16 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
     # q, k, v read input_layernorm only: AWQ searches one scale for the three and folds it into the norm
     norm = getattr(layer, "input_layernorm", None)
     # (where the norm is not y = weight * normalized(x), they take input scales below, one by one)
-    if all(n in linears for n in QKV) and _NormFold.foldable(norm):
+    if all(n in linears for n in QKV) and NormFold.foldable(norm):
         x = inputs(QKV[0])
-        fold = _NormFold(norm)
+        fold = NormFold(norm)
         packed, s, error = quantize_linears(x, [linears[n].weight for n in QKV], _method(config, x),
                                             config.group_size, config.gptq_options["act_order"], clip=False,
                                             fix_scale=fold.fix, sym=config.gptq_options["sym"])
         if s is not None:
             fold.apply()
         for name, tensors in zip(QKV, packed, strict=True):
-            _replace_linear(layer, name, tensors, linears[name])
+            replace_linear(layer, name, tensors, linears[name])
         done.update(QKV)
         entry["linears"] += 3
         if error is not None:
@@ -203,65 +204,19 @@ def _quantize_other_linears(model, layer, capture, config: QuantConfig, entry: d
         tensors = packed[0]
         if s is not None:
             tensors["input_scale"] = (1 / s).to(linear.weight.dtype)
-        _replace_linear(layer, name, tensors, linear)
+        replace_linear(layer, name, tensors, linear)
         entry["linears"] += 1
         if error is not None:
             entry["errors"].append(error)
 
 
-class _NormFold:
-    """AWQ's q/k/v scale s folded into the norm before them: weight g becomes f = round_dtype(g / s). The weights are
-    quantized against s' = g / f, the scale the rounded norm weight really applies (fix), so the fold is exact up to
-    fp32 rounding in any dtype."""
-
-    def __init__(self, norm: nn.Module):
-        self.norm, self.g = norm, norm.weight.detach().clone()
-        self.folded = None
-
-    @staticmethod
-    def foldable(norm) -> bool:
-        """Whether dividing the norm's weight by a per-channel s divides its output by s (y = weight * n(x); not a
-        (1 + weight) norm, no bias), checked on random inputs with the weight restored after."""
-        weight = getattr(norm, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or getattr(norm, "bias", None) is not None:
-            return False
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(4, weight.shape[0], generator=generator).to(weight.device, torch.float32)
-        s = (torch.rand(weight.shape[0], generator=generator) + 0.5).to(weight.device)
-        saved = weight.data  # the very tensor is put back, so nothing that shares it notices
-        with torch.no_grad():
-            try:
-                weight.data = saved.float().clone()
-                before = norm(probe).float()
-                weight.data = saved.float() / s
-                after = norm(probe).float() * s
-            finally:
-                weight.data = saved
-        return bool((after - before).abs().max() <= 1e-5 * before.abs().max().clamp_min(1e-12))
-
-    def fix(self, s: torch.Tensor) -> torch.Tensor:
-        g = self.g.float().to(s.device)
-        self.folded = (g / s).to(self.g.dtype)
-        f = self.folded.float()
-        return torch.where(f != 0, g / torch.where(f != 0, f, 1.0), s)  # a zero channel: any scale is exact
-
-    def apply(self) -> None:
-        with torch.no_grad():
-            self.norm.weight.copy_(self.folded.to(self.norm.weight.device))
-
+_NormFold = NormFold  # its earlier name
 
 _SILU = Activation("silu")  # the shared experts and dense MLPs of every family moekern knows
 
 
 def _method(config: QuantConfig, x) -> str:
     return config.method if x is not None else "rtn"
-
-
-def _replace_linear(layer, name: str, tensors: dict, linear: nn.Linear) -> None:
-    tensors = dict(tensors)
-    if linear.bias is not None:
-        tensors["bias"] = linear.bias.detach().clone()
-    targets.set_module(layer, name, QuantizedLinear(tensors).to(linear.weight.device))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ its routing weight; this module does what AutoAWQ does instead, per decoder laye
  2. One scale per down_proj (prev_op=up_proj), chosen the same way on the inputs that down receives (a routed expert:
     act(gate) * up of the tokens routed to it, unweighted) and judged on down's own output.
     Every search runs on the layer's original weights (AutoAWQ computes the whole scales_list before apply_scale).
- 3. The norm's weight is divided by s (scale_ln_fcs; moekern rounds it as apply._NormFold does, so the fold is
+ 3. The norm's weight is divided by s (scale_ln_fcs; moekern rounds it as linears.NormFold does, so the fold is
     exact in any dtype), the gate and up columns multiplied by it; each up's rows are divided by its down's scale and
     down's columns multiplied by it (scale_fc_fc). Nothing is stored as an input scale, so the result is a plain
     AutoAWQ-layout model. The router, and Qwen2-MoE's shared-expert gate, read the same norm and are not rescaled:
@@ -40,6 +40,7 @@ from moekern.models.base import expert_activation
 from moekern.modules.quant import QuantizedExperts
 from moekern.ops.reference import gated_activation
 from moekern.quant import targets
+from moekern.quant.linears import NormFold, replace_linear
 from moekern.quant.rtn import fake_quantize, pack, rtn
 
 MLP = "mlp"  # the name under which the MLP module's inputs are captured (moekern.quant.calibrate.LayerCapture)
@@ -136,8 +137,6 @@ def quantize_mlp(model, layer, capture, config, entry: dict) -> set[str]:
     """AutoAWQ's scheme on one decoder layer's MLP side (module doc). Replaces the routed experts by QuantizedExperts
     and the quantized shared-expert or dense-MLP linears by QuantizedLinear; returns the names of the linears it
     handled, which moekern's own path must leave alone."""
-    from moekern.quant.apply import _NormFold, _replace_linear
-
     experts = targets.routed_experts(layer)
     always = targets.always_active_linears(model, layer)
     triples = targets.ffn_triples(always)
@@ -146,7 +145,7 @@ def quantize_mlp(model, layer, capture, config, entry: dict) -> set[str]:
         return set()
     check_layer(layer)
     norm = getattr(layer, "post_attention_layernorm", None)
-    if not _NormFold.foldable(norm):
+    if not NormFold.foldable(norm):
         raise MoekernError("awq4:autoawq folds its scale into post_attention_layernorm, which here is not "
                            "y = weight * normalized(x); use awq4 (moekern's AWQ stores the scale instead)")
     x = capture.linear_inputs(MLP).float()
@@ -180,7 +179,7 @@ def quantize_mlp(model, layer, capture, config, entry: dict) -> set[str]:
         triple_inputs[down] = (a, best_scale(a.abs().mean(dim=0), [w], group_size, dtype, _linear_loss(a, w)))
 
     # 3. apply: fold s_in into the norm (exactly: s' is what the rounded norm weight divides by)
-    fold = _NormFold(norm)
+    fold = NormFold(norm)
     s_in = fold.fix(s_in).float()
     fold.apply()
     with torch.no_grad():
@@ -195,7 +194,7 @@ def quantize_mlp(model, layer, capture, config, entry: dict) -> set[str]:
             # 4. and 5.: clip on the inputs divided by the scale before each linear, then round
             for name, w, inputs in ((gate, always[gate].weight.float(), x / s_in), (up, w_up, x / s_in),
                                     (down, w_down, a / s_d)):
-                _replace_linear(layer, name, pack(*_clip_rtn(inputs, w, group_size, dtype)), always[name])
+                replace_linear(layer, name, pack(*_clip_rtn(inputs, w, group_size, dtype)), always[name])
             done.update((gate, up, down))
             entry["linears"] += 3
         if experts is not None:

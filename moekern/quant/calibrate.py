@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moekern.compress.layerwise import stream_layers
+from moekern.layerwise import stream_layers
 from moekern.errors import MoekernError
 from moekern.surgery import decoder_layers
 

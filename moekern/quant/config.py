@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moekern.errors import MoekernError
-
-GROUP_SIZES = (32, 64, 128)  # the group sizes the kernels are built for
+from moekern.quant import layout
 
 
 @dataclass
@@ -52,8 +51,9 @@ class QuantConfig:
             raise MoekernError(
                 f"moekern quantizes to 4 bits only (its kernels read 4-bit nibbles), got bits={self.bits}"
             )
-        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
-            raise MoekernError(f"group_size must be a positive multiple of 8 (32, 64 or 128), got {self.group_size!r}")
+        if not layout.valid_group_size(self.group_size):
+            raise MoekernError(f"group_size must be a positive multiple of {layout.PACK} ({layout.GROUP_SIZES_TEXT}), "
+                               f"got {self.group_size!r}")
         if self.act_order and self.method != "gptq":
             raise MoekernError("act_order is a GPTQ option; use method='gptq' or act_order=False")
 

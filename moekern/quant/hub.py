@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekern import folders
 from moekern.errors import MoekernError
+from moekern.model_files import Shards, fill_tied_weights, load_tokenizer, materialise_buffers, resolve_model_dir
 from moekern.models.base import expert_activation, expert_weights
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
 from moekern.quant import formats, layout, targets
@@ -79,8 +81,9 @@ def read_quantization_config(config: dict) -> HubQuant | None:
     if bits != 4:
         raise MoekernError(f"this {method.upper()} checkpoint has bits={bits!r}; moekern reads 4-bit checkpoints only")
     group = qc.get("group_size", qc.get("q_group_size"))
-    if not isinstance(group, int) or not (group == -1 or (group > 0 and group % 8 == 0)):
-        raise MoekernError(f"quantization_config.group_size must be -1 or a positive multiple of 8, got {group!r}")
+    if group != -1 and not layout.valid_group_size(group):
+        raise MoekernError(f"quantization_config.group_size must be -1 or a positive multiple of {layout.PACK}, got "
+                           f"{group!r}")
     if method == "awq":
         version = str(qc.get("version", "gemm")).lower()
         if version not in AWQ_VERSIONS:
@@ -114,72 +117,14 @@ def is_quantized_folder(path: str | Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reading shards lazily
-# ----------------------------------------------------------------------------------------------------------------------
-class _Shards:
-    """The tensors of a folder's safetensors shards by name, read on demand; which ones were taken."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.path, self._open, self.where = path, {}, {}
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise MoekernError(f"{str(index)!r} is not a safetensors index ({exc})") from exc
-            missing = sorted({s for s in weight_map.values() if not (path / s).is_file()})
-            if missing:
-                raise MoekernError(f"weight shard(s) {missing} listed in {index.name} are missing from {str(path)!r}")
-            shards = sorted(set(weight_map.values()))
-        else:
-            shards = sorted(p.name for p in path.glob("*.safetensors"))
-            weight_map = None
-        for shard in shards:
-            try:
-                handle = safe_open(str(path / shard), framework="pt")
-                keys = list(handle.keys())
-            except Exception as exc:  # safetensors raises SafetensorError, an Exception subclass
-                raise MoekernError(f"weight shard {str(path / shard)!r} is corrupt or truncated ({exc})") from exc
-            self._open[shard] = handle
-            for key in keys:
-                self.where.setdefault(key, shard)
-        if weight_map is not None:
-            absent = sorted(k for k, s in weight_map.items() if self.where.get(k) != s)
-            if absent:
-                raise MoekernError(
-                    f"{index.name} lists {len(absent)} tensor(s) its shards do not hold, e.g. {absent[:3]}; "
-                    f"a shard is incomplete or from another checkpoint"
-                )
-        self.taken: set[str] = set()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.where
-
-    def keys(self):
-        return self.where.keys()
-
-    def get(self, key: str, default=None):
-        if key not in self.where:
-            return default
-        self.taken.add(key)
-        tensor = self._open[self.where[key]].get_tensor(key)
-        if tensor.dtype == getattr(torch, "uint32", None):  # packed nibbles written as unsigned: the same bits
-            tensor = tensor.view(torch.int32)
-        return tensor
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------------
 def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu"):
     """Load an AutoAWQ (GEMM) or GPTQ checkpoint folder of an MoE model into moekern's 4-bit modules:
     (model, tokenizer or None), in eval mode. dtype: the activation dtype (scales, 16-bit tensors); default the
     config's dtype, else float16."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moekern.checkpoint import materialise_buffers, resolve_model_dir
     from moekern.models import family_of
     from moekern.surgery import decisions
 
@@ -197,7 +142,7 @@ def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = No
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # moekern's modules replace transformers' quantizer
     dtype = _dtype(dtype, config)
-    shards = _Shards(path)
+    shards = Shards(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
@@ -279,11 +224,7 @@ def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = No
             f"{str(path)!r} holds {len(unexpected)} tensor(s) this {family.name} model has no place for, e.g. "
             f"{unexpected[:5]}; the checkpoint is from another architecture or layout"
         )
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
-        for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
-            if target in state or source in state:
-                state.setdefault(target, state.get(source))
-                state.setdefault(source, state[target])
+    fill_tied_weights(model, state)
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(f"{p}.") for p in quantized_paths)]  # filled already
     if missing:
@@ -299,10 +240,7 @@ def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = No
     model = model.to(dtype=dtype)
     materialise_buffers(model, config)  # after the cast: the rotary inv_freq stays fp32, as transformers keeps it
     model = model.to(device=device).eval()
-    tokenizer = None
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 def _dtype(dtype, config) -> torch.dtype:
@@ -340,7 +278,7 @@ def _v5_name(key: str, moe_prefix: str) -> str:
     return key.replace(f".{moe_prefix}.", ".mlp.") if moe_prefix != "mlp" else key
 
 
-def _expect(shards: _Shards, key: str, shape: tuple, what: str, dtype=None) -> torch.Tensor:
+def _expect(shards: Shards, key: str, shape: tuple, what: str, dtype=None) -> torch.Tensor:
     tensor = shards.get(key)
     if tensor is None:
         raise MoekernError(f"{str(shards.path)!r} has no tensor {key!r} ({what})")
@@ -351,7 +289,7 @@ def _expect(shards: _Shards, key: str, shape: tuple, what: str, dtype=None) -> t
     return tensor
 
 
-def _read_linear(shards: _Shards, key: str, k: int, n: int, hq: HubQuant, dtype, groups: set) -> dict:
+def _read_linear(shards: Shards, key: str, k: int, n: int, hq: HubQuant, dtype, groups: set) -> dict:
     """One 4-bit linear (in k, out n) of the checkpoint, checked against the format and converted to moekern's layout
     {"qweight", "scales" (in dtype), "zeros"}; its group size is added to `groups`."""
     group = k if hq.group_size == -1 else hq.group_size
@@ -402,7 +340,7 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
     moekern.save writes (moekern.folders: an existing moekern model is replaced only with overwrite=True)."""
     from safetensors.torch import save_file
 
-    from moekern.checkpoint import config_for_disk
+    from moekern.config_on_disk import config_for_disk
     from moekern.models import family_of
     from moekern.surgery import KEY, decisions
 
@@ -522,8 +460,6 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
             "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
             "checkpoint_format": checkpoint_format, "modules_in_block_to_quantize": [in_block],
         }
-    from moekern import folders
-
     source = getattr(model.config, "_name_or_path", None)
     with folders.replaced_folder(path, folders.MODEL, overwrite=overwrite, sources=[source]) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")

@@ -17,6 +17,15 @@ import torch
 
 PACK = 8  # nibbles per int32
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble j sits at bits 4j..4j+3
+# The group sizes G: the layout takes any positive multiple of PACK (a published checkpoint may bring another); the
+# ones moekern offers (recipes' :g32, :g64, :g128) are these, and every kernel runs them.
+GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
+
+
+def valid_group_size(group_size) -> bool:
+    """Whether the layout can hold groups of `group_size` input channels."""
+    return isinstance(group_size, int) and group_size > 0 and group_size % PACK == 0
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:

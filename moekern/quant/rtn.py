@@ -26,7 +26,7 @@ def check_group(width: int, group_size: int, what: str = "weight") -> None:
     if width % group_size:
         raise MoekernError(
             f"group_size {group_size} does not divide the input width {width} of the {what}; "
-            f"choose a group size that divides it (32, 64 or 128)"
+            f"choose a group size that divides it ({layout.GROUP_SIZES_TEXT})"
         )
 
 

@@ -39,7 +39,8 @@ def train_text() -> str:
 
 
 def load_model(dtype: torch.dtype = torch.float32, **kwargs):
-    """Load the shipped model and tokenizer; returns ``(model, tokenizer)``.
+    """Load the shipped model and tokenizer; returns ``(model, tokenizer)``: ``moekern.load("shipped")`` with a
+    dtype that defaults to float32.
 
     The model is in eval mode.  Extra keyword arguments go to
     ``AutoModelForCausalLM.from_pretrained`` (e.g. ``experts_implementation=``).
@@ -49,9 +50,6 @@ def load_model(dtype: torch.dtype = torch.float32, **kwargs):
     if missing:
         raise FileNotFoundError(f"shipped model files {missing} not found in {MODEL_DIR}; {_RETRAIN_HINT}")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from moekern.checkpoint import load_pretrained
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype, **kwargs)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    return model, tokenizer
+    return load_pretrained(MODEL_DIR, dtype, **kwargs)
