@@ -404,31 +404,59 @@ def _meta_words(zz, ss, BF16: tl.constexpr, SCALED: tl.constexpr):
 
 @triton.jit
 def _q4_group_acc(acc, wp, xt, zz, ss, sub: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                  DT: tl.constexpr, SDT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr, FACTORED: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
-    """acc += dequantize(W)[rows, group `sub` of the K step] @ xt (the group's words start sub * GROUP / 64 blocks
-    past wp; its zeros and scales packed in zz, ss, see _q4_step_meta). FACTORED: the MMA takes q - zero and its
+                  DT: tl.constexpr, SDT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc += dequantize(W)[rows, group `sub` of the K step] @ xt, factored (decode): the MMA takes q - zero and its
     result is multiplied by the rows' scales, put in the order of the MMA's rows (16 nb + 8 hi + g) so that they meet
-    it without a layout conversion: the fewest instructions, but each wgmma is waited for. Else the scales go into
-    the dequantization and the MMA accumulates in place: the asynchronous wgmma stays in flight into the next step
-    (prefill)."""
+    it without a layout conversion: the fewest instructions, but each wgmma is waited for. The group's words start
+    sub * GROUP / 64 blocks past wp; its zeros and scales come packed in zz, ss (_q4_step_meta)."""
     NB: tl.constexpr = BLOCK_N // 16
     wp = wp + sub * _q4_step(GROUP, ASM)
-    # the asm decoder's operands straight from the pairs where the scales are the activations' dtype (or unused)
-    WORDS: tl.constexpr = ASM and (FACTORED or SDT == DT)
+    if ASM:  # the asm decoder's zero operands straight from the pair
+        z_lo, z_hi = _meta_words(zz, ss, DT == tl.bfloat16, False)[:2]
+    else:
+        z_lo, z_hi = _q4_unpair(zz, ss, SDT, False)[:2]
+    w = _q4_decode(wp, z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW, ASM)
+    s_lo, s_hi = _q4_unpair(zz, ss, SDT, True)[2:]
+    s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
+    return _mma(acc, w, xt, s, True, DOT_FP32)
+
+
+@triton.jit
+def _stack_groups(a, b, KB: tl.constexpr):
+    """Two groups' [1, NB, 8, 1, 1, 1] -> [KB, NB, 8, 1, 1, 1]: the step's first KB / 2 64-k blocks take a, the
+    rest b (registers only: each lane already holds both)."""
+    NB: tl.constexpr = a.shape[1]
+    t = tl.join(a, b).permute(6, 0, 1, 2, 3, 4, 5)  # [2, 1, NB, 8, 1, 1, 1]
+    return tl.broadcast_to(t, (2, KB // 2, NB, 8, 1, 1, 1)).reshape(KB, NB, 8, 1, 1, 1)
+
+
+@triton.jit
+def _q4_step_acc(acc, wp, xt, meta, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr, DT: tl.constexpr, SDT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """acc += dequantize(W)[rows, K step] @ xt for a step of one or two whole groups, scales in the dequantization,
+    decoded at once and one MMA: the asynchronous wgmma accumulates in place and stays in flight into the next step
+    (a dot a group would wait for the first). meta: _q4_step_meta's tuple; each 64-k block takes its group's zeros
+    and scales."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    KB: tl.constexpr = BLOCK_K // 64
+    tl.static_assert(NG == 1 or NG == 2, "prefill steps are one or two groups")
+    WORDS: tl.constexpr = ASM and SDT == DT  # the asm decoder's operands straight from the pairs
     if WORDS:
-        z_lo, z_hi, s_lo, s_hi = _meta_words(zz, ss, DT == tl.bfloat16, not FACTORED)
+        z_lo, z_hi, s_lo, s_hi = _meta_words(meta[0], meta[1], DT == tl.bfloat16, True)
     else:
-        z_lo, z_hi, s_lo, s_hi = _q4_unpair(zz, ss, SDT, False)
-    if FACTORED:
-        w = _q4_decode(wp, z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW, WORDS)
-        s_lo, s_hi = _q4_unpair(zz, ss, SDT, True)[2:]
-        s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
-        acc = _mma(acc, w, xt, s, True, DOT_FP32)
-    else:
-        w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, GROUP, DT, ASM, True, KW, WORDS)
-        acc = _mma(acc, w, xt, acc, False, DOT_FP32)
-    return acc
+        z_lo, z_hi, s_lo, s_hi = _q4_unpair(meta[0], meta[1], SDT, False)
+    if NG == 2:
+        if WORDS:
+            z_lo1, z_hi1, s_lo1, s_hi1 = _meta_words(meta[2], meta[3], DT == tl.bfloat16, True)
+        else:
+            z_lo1, z_hi1, s_lo1, s_hi1 = _q4_unpair(meta[2], meta[3], SDT, False)
+        z_lo = _stack_groups(z_lo, z_lo1, KB)
+        z_hi = _stack_groups(z_hi, z_hi1, KB)
+        s_lo = _stack_groups(s_lo, s_lo1, KB)
+        s_hi = _stack_groups(s_hi, s_hi1, KB)
+    w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, BLOCK_K, DT, ASM, True, KW, WORDS)
+    return _mma(acc, w, xt, acc, False, DOT_FP32)
 
 
 @triton.jit
@@ -603,9 +631,10 @@ def gate_up_kernel(
         acc_u = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        # GROUPED: a K step is SUB whole groups (of 64 or more), each its own MMA, zeros and scales read a step ahead
-        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
-        SUB: tl.constexpr = BLOCK_K // KS
+        # GROUPED: a K step is SUB whole groups (of 64 or more), zeros and scales read a step ahead; FACTORED: each
+        # group its own MMA (KS = GROUP wide), else the step decoded at once and one MMA (KS = BLOCK_K)
+        KS: tl.constexpr = GROUP if QUANT and GROUPED and FACTORED else BLOCK_K
+        SUB: tl.constexpr = BLOCK_K // GROUP if QUANT and GROUPED else 1
         xp = x_ptr + token[:, None].to(tl.int64) * stride_xt + (k_start + tl.arange(0, KS))[None, :]
         if QUANT:
             wp_g = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
@@ -620,14 +649,19 @@ def gate_up_kernel(
                 (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
             wp_u = wp_g + half_col * stride_wn
         for k0 in range(k_start, k_end, BLOCK_K):
-            if QUANT and GROUPED:
+            if QUANT and GROUPED and FACTORED:
                 for sub in tl.static_range(SUB):
                     xt = _load_rows(xp + sub * KS, k0 + sub * KS, k_end, in_scale_ptr, e, stride_ie, DT, KS,
                                     HAS_IN_SCALE, EVEN_K)
                     acc_g = _q4_group_acc(acc_g, wp_g, xt, meta_g[2 * sub], meta_g[2 * sub + 1], sub, BLOCK_N, GROUP,
-                                          DT, SDT, ASM, KW, FACTORED, DOT_FP32)
+                                          DT, SDT, ASM, KW, DOT_FP32)
                     acc_u = _q4_group_acc(acc_u, wp_u, xt, meta_u[2 * sub], meta_u[2 * sub + 1], sub, BLOCK_N, GROUP,
-                                          DT, SDT, ASM, KW, FACTORED, DOT_FP32)
+                                          DT, SDT, ASM, KW, DOT_FP32)
+            elif QUANT and GROUPED:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
+                acc_g = _q4_step_acc(acc_g, wp_g, xt, meta_g, BLOCK_N, BLOCK_K, GROUP, DT, SDT, ASM, KW, DOT_FP32)
+                acc_u = _q4_step_acc(acc_u, wp_u, xt, meta_u, BLOCK_N, BLOCK_K, GROUP, DT, SDT, ASM, KW, DOT_FP32)
+            if QUANT and GROUPED:
                 mz += SUB * 2 * 64
                 ms += SUB * 2 * 64
                 meta_g = _q4_step_meta(mz, ms, 0, 2, SUB)
@@ -725,8 +759,8 @@ def down_kernel(
         acc = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
-        SUB: tl.constexpr = BLOCK_K // KS
+        KS: tl.constexpr = GROUP if QUANT and GROUPED and FACTORED else BLOCK_K
+        SUB: tl.constexpr = BLOCK_K // GROUP if QUANT and GROUPED else 1
         xp = inter_ptr + tl.where(row_ok, pairs, 0)[:, None].to(tl.int64) * stride_it + \
             (k_start + tl.arange(0, KS))[None, :]
         if QUANT:
@@ -738,12 +772,16 @@ def down_kernel(
             wp = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + \
                 (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
         for k0 in range(k_start, k_end, BLOCK_K):
-            if QUANT and GROUPED:
+            if QUANT and GROUPED and FACTORED:
                 for sub in tl.static_range(SUB):
                     xt = _load_rows(xp + sub * KS, k0 + sub * KS, k_end, in_scale_ptr, e, stride_ie, DT, KS,
                                     HAS_IN_SCALE, EVEN_K)
                     acc = _q4_group_acc(acc, wp, xt, meta[2 * sub], meta[2 * sub + 1], sub, BLOCK_N, GROUP, DT, SDT,
-                                        ASM, KW, FACTORED, DOT_FP32)
+                                        ASM, KW, DOT_FP32)
+            elif QUANT and GROUPED:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
+                acc = _q4_step_acc(acc, wp, xt, meta, BLOCK_N, BLOCK_K, GROUP, DT, SDT, ASM, KW, DOT_FP32)
+            if QUANT and GROUPED:
                 mz += SUB * 64
                 ms += SUB * 64
                 meta = _q4_step_meta(mz, ms, 0, 1, SUB)
