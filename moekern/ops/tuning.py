@@ -112,7 +112,7 @@ def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num
     32 take 128 rows in both. bf16: 64 rows, K steps of 128. Prefill: 128 weight rows over two warpgroups
     (a weight is decoded once, not once per warpgroup), K steps of 64 (bf16); 4-bit on sm_90 two groups of 64, or of
     128 up to 64 rows (255 registers, no spill; 128 rows of 256-k steps wait for their wgmmas), else one group of at
-    most 128, on sm_80 64-k steps."""
+    most 128, two stages (as far ahead in k as bf16's three), on sm_80 64-k steps."""
     if bm <= DECODE_ROWS:
         wide = quant and (op == "down" or (group_size or 0) < QUANT_K)
         cfg = GemmConfig(BLOCK_N=128 if wide else 64, BLOCK_K=128, num_warps=4, num_stages=4)
@@ -129,6 +129,8 @@ def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num
         steps = decode_k_step(k, group_size) if decode else min(group_size, 128)
         if not decode and target_arch(device) >= 90 and group_size <= 128 and (group_size <= 64 or bm <= 64):
             steps = 2 * group_size  # two groups decoded at once, one wgmma: the per-step cost shared by twice the k
+        if not decode and target_arch(device) >= 90 and steps >= 128:
+            cfg = replace(cfg, num_stages=2)  # one step ahead is 128 k or more ahead, as bf16's three 64-k stages
         if not decode and target_arch(device) < 90:  # mma.sync needs more registers a tile: 128-k steps spill
             steps = QUANT_K
         cfg = replace(cfg, BLOCK_K=steps if grouped else QUANT_K, FACTORED=grouped and decode)
