@@ -568,10 +568,13 @@ def _commits_line(rep: dict) -> str:
     if len(commits) == 1:
         return f"commit {commits[0]}"
     parts = []
+    every_model = {c["model"] for c in rep["cases"]}
     for commit in commits:
-        cases = sorted({(c["model"], c["tokens"]) for c in rep["cases"] if c["commit"] == commit})
-        parts.append(f"{commit}: " + ", ".join(f"{m} {t}" for m, t in cases))
-    return "rows from several commits, merged with --merge (" + "; ".join(parts) + ")"
+        mine = [c for c in rep["cases"] if c["commit"] == commit]
+        models = {c["model"] for c in mine}
+        tokens = ", ".join(str(t) for t in sorted({c["tokens"] for c in mine}))
+        parts.append(f"{commit}: {tokens} tokens" + ("" if models == every_model else f" of {', '.join(sorted(models))}"))
+    return "rows from several commits, merged with --merge: " + "; ".join(parts)
 
 
 def _fmt(value, digits=2):
