@@ -104,14 +104,15 @@ def test_layout_of_gate_up_halves_and_gpt_oss_interleave():
 def test_meta_layout_pairs_each_lanes_rows():
     """mma_meta puts the zero and scale of row r of group q of a half at [tile, q, half, 16-row block, g, hi] with
     r = 128 tile + 16 block + 8 hi + g: a lane's rows g and g + 8 side by side, every group of a K step and both
-    halves at fixed offsets; rows padded to whole 128-row tiles and groups one 256-k step past K, with zeros."""
+    halves at fixed offsets; rows padded to whole 128-row tiles and groups a widest step (512 k) past K padded to
+    256, with zeros."""
     e, i, k, group = 2, 40, 192, 64
     scales = torch.rand(e, k // group, 2 * i, dtype=torch.float64)
     zeros = torch.randint(0, 16, (e, k // group, 2 * i), dtype=torch.uint8)
     w = moe_gemm.Quant4(torch.zeros(e, k // 8, 2 * i, dtype=torch.int32), scales, zeros)
     for interleaved in (False, True):
         s, z = moe_gemm.mma_meta(w, 2, interleaved)
-        assert s.shape == z.shape == (e, 1, (256 + 256) // group, 2, 8, 8, 2) and s.dtype == scales.dtype
+        assert s.shape == z.shape == (e, 1, (256 + 512) // group, 2, 8, 8, 2) and s.dtype == scales.dtype
         for half in (0, 1):
             rows = torch.arange(i) * 2 + half if interleaved else torch.arange(i) + half * i
             for r in range(128):

@@ -1,8 +1,8 @@
 """What the compiled kernels must be, from their PTX and SASS (no GPU): the static performance report committed under
 benchmarks/results/static/ (python -m moekern.ops.compile_check --sass) keeps every variant free of spills and every
 4-bit decode variant's issue ceiling (over the bytes it must read) at twice the memory bandwidth it must saturate,
-and is today's (one variant is compiled again and must count the same instructions); row offsets that pass 2^31 in a 40k-token DeepSeek-V3 prefill
-are computed in 64 bits; one MoE layer is five kernel launches, route to output.
+and is today's (one variant is compiled again and must count the same instructions); row offsets that pass 2^31
+in a 40k-token DeepSeek-V3 prefill are computed in 64 bits; one MoE layer is five kernel launches, route to output.
 
 The compiling part runs in one subprocess: the test session runs with TRITON_INTERPRET=1, under which @triton.jit
 makes interpreted functions the compiler cannot take."""

@@ -19,10 +19,10 @@ per K step, wgmma waits, cp.async / TMA, and the issue-rate ceiling on bytes per
 
 with warp-instructions per weight byte = (K-loop SASS instructions x warps) / (weight bytes a K step reads: the
 tile's weights, and for 4 bits its scales and zeros), counted over the bytes that must be read: where a GEMM's last
-tile runs past N or a K step past K (a split's end), the instructions spent on padding count and its bytes do not. It is an upper bound from instruction counts (every scheduler
-issuing every cycle), not a measured speed: a kernel whose ceiling is under the memory bandwidth cannot be
-memory-bound, one above it may be. Machines: H100 SXM for sm_90 (132 SMs, 1.98 GHz, 3.35 TB/s), A100 SXM 80 GB for
-sm_80 (108 SMs, 1.41 GHz, 2.04 TB/s).
+tile runs past N or a K step past K (a split's end), the instructions spent on padding count and its bytes do not.
+It is an upper bound from instruction counts (every scheduler issuing every cycle), not a measured speed: a kernel
+whose ceiling is under the memory bandwidth cannot be memory-bound, one above it may be. Machines: H100 SXM for
+sm_90 (132 SMs, 1.98 GHz, 3.35 TB/s), A100 SXM 80 GB for sm_80 (108 SMs, 1.41 GHz, 2.04 TB/s).
 
 It must run with TRITON_INTERPRET unset (under the interpreter @triton.jit makes interpreted functions, which the
 compiler cannot take); the tests run it in a subprocess for that reason.
@@ -573,7 +573,8 @@ def _commits_line(rep: dict) -> str:
         mine = [c for c in rep["cases"] if c["commit"] == commit]
         models = {c["model"] for c in mine}
         tokens = ", ".join(str(t) for t in sorted({c["tokens"] for c in mine}))
-        parts.append(f"{commit}: {tokens} tokens" + ("" if models == every_model else f" of {', '.join(sorted(models))}"))
+        which = "" if models == every_model else f" of {', '.join(sorted(models))}"
+        parts.append(f"{commit}: {tokens} tokens{which}")
     return "rows from several commits, merged with --merge: " + "; ".join(parts)
 
 

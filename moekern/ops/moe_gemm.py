@@ -102,6 +102,7 @@ class Quant4:
 MMA_N, MMA_K = 16, 64
 MMA_K_PAD = 256  # K is padded to whole K steps of the widest tile (zeros, against activations masked to zero)
 MMA_N_PAD = 128  # and N to whole tiles of the widest BLOCK_N, so that no tile reads past a half's words
+MMA_META_AHEAD = 2 * MMA_K_PAD  # mma_meta's groups run this far past K padded: the read a step ahead of the widest step
 NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
@@ -178,14 +179,14 @@ def mma_meta(w: Quant4, halves: int = 1, interleaved: bool = False) -> tuple[tor
     [E, N'/128, G', halves, 8, 8, 2]: per 128-row tile, group, half, 16-row block and row g < 8, the pair of rows
     g and g + 8. A lane's two rows are one load (zeros as an int16, scales as an int32 or int64), and every load of
     a K step, both halves, each 16-row block and each group, sits at a fixed offset from one pointer. Rows are
-    padded like the words' (MMA_N_PAD), groups to K padded to MMA_K_PAD plus one MMA_K_PAD more (the kernels read a
-    step ahead), with scale 0 and zero 0. Halves as in mma_layout. Scales keep their dtype, zeros uint8: 3 bytes a
+    padded like the words' (MMA_N_PAD), groups to K padded to MMA_K_PAD plus MMA_META_AHEAD (the kernels read a step
+    ahead), with scale 0 and zero 0. Halves as in mma_layout. Scales keep their dtype, zeros uint8: 3 bytes a
     row and group with 16-bit scales, as in moekern's layout."""
     e, n, k = w.shape
     rows, group = n // halves, w.group_size
     if MMA_K_PAD % group:
         raise ValueError(f"the tensor-core meta layout needs groups that divide {MMA_K_PAD}, not {group}")
-    np_, gp = rows + -rows % MMA_N_PAD, (k + -k % MMA_K_PAD + MMA_K_PAD) // group
+    np_, gp = rows + -rows % MMA_N_PAD, (k + -k % MMA_K_PAD + MMA_META_AHEAD) // group
 
     def arrange(t):  # [E, G, N] -> [E, N'/128, G', halves, 8, 8, 2]
         g = t.shape[1]
@@ -330,7 +331,7 @@ def _q4_meta_ptrs(z_ptr, s_ptr, e, n0, grp, stride_me, stride_mt, HALVES: tl.con
 def _q4_step_meta(zp, sp, half: tl.constexpr, HALVES: tl.constexpr, SUB: tl.constexpr):
     """The packed (zeros, scales) pairs of half `half` for each of the SUB groups of a K step: a flat tuple of 2 SUB
     tensors, unpacked where used (_q4_unpair), so that a step read ahead holds one register a pair. No masks and no
-    clamping: mma_meta is padded with zeros to whole tiles of rows and one step of groups past K."""
+    clamping: mma_meta is padded with zeros to whole tiles of rows and a step of groups past K."""
     meta = ()
     for sub in tl.static_range(SUB):
         off = (sub * HALVES + half) * 64
@@ -892,8 +893,9 @@ def _check_tile(wt: _Weight, cfg: tuning.GemmConfig):
 
 
 def _grouped(group: int, cfg: tuning.GemmConfig) -> bool:
-    """K steps of whole groups of 64 to MMA_K_PAD (zeros and scales read a step ahead from mma_meta)."""
-    return tuning.QUANT_K <= group <= MMA_K_PAD and cfg.BLOCK_K % group == 0
+    """K steps of whole groups of 64 to MMA_K_PAD (zeros and scales read a step ahead from mma_meta, whose padding
+    past K covers a step of up to MMA_META_AHEAD)."""
+    return tuning.QUANT_K <= group <= MMA_K_PAD and cfg.BLOCK_K % group == 0 and cfg.BLOCK_K <= MMA_META_AHEAD
 
 
 def _word_view(wt: _Weight, asm: bool) -> torch.Tensor:
