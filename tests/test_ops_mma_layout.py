@@ -101,6 +101,29 @@ def test_layout_of_gate_up_halves_and_gpt_oss_interleave():
         assert (padding[:, :, i:] == 0).all() and (padding[:, :, :, k:] == 0).all()
 
 
+def test_meta_layout_pairs_each_lanes_rows():
+    """mma_meta puts the zero and scale of row r of group q of a half at [tile, q, half, 16-row block, g, hi] with
+    r = 128 tile + 16 block + 8 hi + g: a lane's rows g and g + 8 side by side, every group of a K step and both
+    halves at fixed offsets; rows padded to whole 128-row tiles and groups a widest step (512 k) past K padded to
+    256, with zeros."""
+    e, i, k, group = 2, 40, 192, 64
+    scales = torch.rand(e, k // group, 2 * i, dtype=torch.float64)
+    zeros = torch.randint(0, 16, (e, k // group, 2 * i), dtype=torch.uint8)
+    w = moe_gemm.Quant4(torch.zeros(e, k // 8, 2 * i, dtype=torch.int32), scales, zeros)
+    for interleaved in (False, True):
+        s, z = moe_gemm.mma_meta(w, 2, interleaved)
+        assert s.shape == z.shape == (e, 1, (256 + 512) // group, 2, 8, 8, 2) and s.dtype == scales.dtype
+        for half in (0, 1):
+            rows = torch.arange(i) * 2 + half if interleaved else torch.arange(i) + half * i
+            for r in range(128):
+                nb, hi, g = r // 16, (r % 16) // 8, r % 8
+                want_s = scales[:, :, rows[r]] if r < i else torch.zeros(e, k // group, dtype=scales.dtype)
+                want_z = zeros[:, :, rows[r]] if r < i else torch.zeros(e, k // group, dtype=torch.uint8)
+                assert torch.equal(s[:, 0, : k // group, half, nb, g, hi], want_s)
+                assert torch.equal(z[:, 0, : k // group, half, nb, g, hi], want_z)
+        assert (s[:, :, k // group:] == 0).all() and (z[:, :, k // group:] == 0).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The inline PTX, emulated
 # ----------------------------------------------------------------------------------------------------------------------
@@ -136,8 +159,16 @@ def pack_halves(lo, hi, dtype):
 
 
 def emulate(asm: str, operands: dict, dtype: str):
-    """Run the asm's instructions on uint32 arrays (registers $n and named temporaries)."""
+    """Run the asm's instructions on uint32 arrays (registers $n and named temporaries): registers $0..$3 as the
+    two 16-bit halves of each, in float64."""
+    regs = emulate_raw(asm, operands, dtype)
+    return [halves(regs[f"${i}"], dtype) for i in range(4)]
+
+
+def emulate_raw(asm: str, operands: dict, dtype: str | None = None) -> dict:
+    """The registers after running the asm on uint32 arrays (dtype: of the 16-bit float instructions, if any)."""
     regs = dict(operands)
+    like = next(iter(operands.values()))
 
     def val(token):
         token = token.strip()
@@ -152,7 +183,14 @@ def emulate(asm: str, operands: dict, dtype: str):
         op, args = line.split(None, 1)
         args = [a.strip() for a in args.split(",")]
         if op == "mov.b32":
-            regs[args[0]] = val(args[1]) + np.zeros_like(operands["$4"])
+            regs[args[0]] = val(args[1]) + np.zeros_like(like)
+        elif op == "prmt.b32":  # bytes of {b, a} picked by the selector's nibbles (0-3: a, 4-7: b)
+            a, b, sel = val(args[1]), val(args[2]), int(args[3], 0)
+            pool = [(x >> np.uint32(8 * i)) & 0xFF for x in (a, b) for i in range(4)]
+            out = np.zeros_like(a)
+            for i in range(4):
+                out |= pool[(sel >> 4 * i) & 7].astype(np.uint32) << np.uint32(8 * i)
+            regs[args[0]] = out
         elif op == "shr.b32":
             regs[args[0]] = val(args[1]) >> np.uint32(int(args[2]))
         elif op == "lop3.b32":
@@ -164,7 +202,7 @@ def emulate(asm: str, operands: dict, dtype: str):
             regs[args[0]] = pack_halves(exact[0], exact[1], dtype)
         else:
             raise AssertionError(f"the emulator does not know {op}")
-    return [halves(regs[f"${i}"], dtype) for i in range(4)]
+    return regs
 
 
 @pytest.mark.parametrize("dtype,scaled", [("bf16", True), ("bf16", False), ("fp16", True), ("fp16", False)])
@@ -196,3 +234,30 @@ def test_inline_ptx_decodes_words_like_the_portable_path(dtype, scaled):
         if scaled:
             expected = torch.from_numpy(expected * scale[hi]).to(tdtype).double().numpy()
         np.testing.assert_array_equal(values[v], expected)
+
+
+@pytest.mark.parametrize("dtype,scaled", [("bf16", True), ("bf16", False), ("fp16", True), ("fp16", False)])
+def test_inline_ptx_makes_the_decoders_operands_from_packed_pairs(dtype, scaled):
+    """The meta asm (moe_gemm._meta_asm) turns a packed zero pair (row g in the low byte, g + 8 in the next) into
+    -(MAGIC + zero) of each row in both halves, and a packed 16-bit scale pair into each row's scale twice: the
+    operands the decoder takes (test above)."""
+    text = getattr(moe_gemm, {("bf16", False): "_META_BF16", ("bf16", True): "_META_BF16_SCALED",
+                               ("fp16", False): "_META_F16", ("fp16", True): "_META_F16_SCALED"}[dtype, scaled])
+    asm = getattr(text, "value", text).strip()[1:-1]
+    rng = np.random.default_rng(1)
+    n = 4096
+    z = rng.integers(0, 16, (2, n)).astype(np.uint32)
+    zz = z[0] | (z[1] << np.uint32(8))
+    regs = {"$0": np.zeros(n, np.uint32), "$1": np.zeros(n, np.uint32)}
+    ss = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    if scaled:
+        regs.update({"$4": zz, "$5": ss})
+    else:
+        regs["$2"] = zz
+    regs = emulate_raw(asm, regs)
+    neg = 0xC300 if dtype == "bf16" else 0xE400
+    for row in (0, 1):
+        np.testing.assert_array_equal(regs[f"${row}"], ((neg | z[row]) * 0x10001).astype(np.uint32))
+        if scaled:
+            half = (ss >> np.uint32(16 * row)) & 0xFFFF
+            np.testing.assert_array_equal(regs[f"${2 + row}"], (half * 0x10001).astype(np.uint32))

@@ -179,14 +179,41 @@ def quant4_typed(experts, n, k, group, dtype):
 
 @pytest.mark.parametrize("group,bm", [(64, 16), (128, 16), (64, 32), (128, 64)])
 def test_4bit_whole_group_steps(group, bm):
-    """K steps of one or two whole groups: at decode (block 16) each group's MMA result times its scales, above it
-    the scales inside the dequantization; K = 384 so that one and two groups a step both occur."""
+    """K steps of whole groups: at decode (block 16) each group's MMA result times its scales, above it the scales
+    inside the dequantization; hidden K = 384 takes three groups of 64 a step at decode, inter K = 128 two."""
     tokens, experts, hidden, inter, k = 17, 3, 384, 128, 2
     x = torch.randn(tokens, hidden)
     (q1, d1), (q2, d2) = quant4(experts, 2 * inter, hidden, group), quant4(experts, hidden, inter, group)
     ids, weights = random_routing(tokens, experts, k, skip=0.2)
     expected = R.moe_experts(x, ids, weights, d1, d2)
     assert rel(moe_gemm.moe_experts(x, ids, weights, q1, q2, block_m=bm), expected) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("groups_a_step,split", [(1, 1), (2, 2), (3, 1), (4, 2), (5, 1), (5, 2)])
+def test_4bit_steps_of_several_groups(monkeypatch, groups_a_step, split):
+    """Decode K steps of one to five groups of 64 (GPT-OSS takes five: 2880 = 9 x 320), split or not along K: every
+    group's zeros and scales come from the tensor-core meta layout at a fixed offset, read a step ahead (the last
+    read one step past K, into the layout's padding); gate_up's gate and up halves plain and interleaved."""
+    orig = tuning.fallback
+    step = 64 * groups_a_step
+    monkeypatch.setattr(tuning, "fallback", lambda *a: replace(orig(*a), BLOCK_K=step, SPLIT_K=split))
+    tokens, experts, k = 4, 3, 2
+    hidden, inter = 960 if 960 % step == 0 else 1024, 2 * step  # whole steps: the down GEMM takes two
+    x = torch.randn(tokens, hidden)
+    (q1, d1), (q2, d2) = quant4(experts, 2 * inter, hidden, 64), quant4(experts, hidden, inter, 64)
+    ids, weights = random_routing(tokens, experts, k, skip=0.2)
+    cfg = tuning.config("gate_up", inter, hidden, True, tokens, 16, 1, 64)
+    assert cfg.BLOCK_K == step and cfg.FACTORED
+    for act in (R.Activation(), R.Activation("clamped_swiglu", alpha=1.702, limit=7.0)):
+        expected = R.moe_experts(x, ids, weights, d1, d2, act=act)
+        assert rel(moe_gemm.moe_experts(x, ids, weights, q1, q2, act=act, block_m=16), expected) <= FP32_BOUND
+
+
+def test_decode_k_step_is_whole_groups_with_least_padding():
+    assert tuning.decode_k_step(2880, 64) == 320  # GPT-OSS: nine steps, none padded
+    assert all(tuning.decode_k_step(k, 128) == 256 for k in (768, 1024, 2048, 4096, 7168, 14336))
+    assert tuning.decode_k_step(384, 128) == 128 and tuning.decode_k_step(384, 64) == 192
+    assert tuning.decode_k_step(4096, 256) == 256
 
 
 @pytest.mark.parametrize("group,bm", [(128, 16), (128, 64), (32, 16)])

@@ -18,10 +18,11 @@ per K step, wgmma waits, cp.async / TMA, and the issue-rate ceiling on bytes per
     ceiling = SMs x 4 schedulers x 1 warp-instruction per clock x clock / (warp-instructions per weight byte)
 
 with warp-instructions per weight byte = (K-loop SASS instructions x warps) / (weight bytes a K step reads: the
-tile's weights, and for 4 bits its scales and zeros). It is an upper bound from instruction counts (every scheduler
-issuing every cycle), not a measured speed: a kernel whose ceiling is under the memory bandwidth cannot be
-memory-bound, one above it may be. Machines: H100 SXM for sm_90 (132 SMs, 1.98 GHz, 3.35 TB/s), A100 SXM 80 GB for
-sm_80 (108 SMs, 1.41 GHz, 2.04 TB/s).
+tile's weights, and for 4 bits its scales and zeros), counted over the bytes that must be read: where a GEMM's last
+tile runs past N or a K step past K (a split's end), the instructions spent on padding count and its bytes do not.
+It is an upper bound from instruction counts (every scheduler issuing every cycle), not a measured speed: a kernel
+whose ceiling is under the memory bandwidth cannot be memory-bound, one above it may be. Machines: H100 SXM for
+sm_90 (132 SMs, 1.98 GHz, 3.35 TB/s), A100 SXM 80 GB for sm_80 (108 SMs, 1.41 GHz, 2.04 TB/s).
 
 It must run with TRITON_INTERPRET unset (under the interpreter @triton.jit makes interpreted functions, which the
 compiler cannot take); the tests run it in a subprocess for that reason.
@@ -391,7 +392,7 @@ def analyse(launch: Launch, compiled, arch: int, sass: str) -> dict:
                    # clocks the SM's 4 schedulers need to issue a K step, over the clocks its tensor cores need for
                    # the step's MMAs: under 1, the tensor cores, not the issue, can bound a compute tile
                    issue_over_mma=(warp_inst / 4) / (halves * bn * mp * bk / machine.mac_per_clk),
-                   ceiling_tbs=machine.issue_rate() / per_byte / 1e12)
+                   step_ceiling_tbs=machine.issue_rate() / per_byte / 1e12)
     return row
 
 
@@ -401,13 +402,28 @@ def _expected_blocks(pairs: int, experts: int, bm: int) -> int:
     return sum(-(-(base + (i < extra)) // bm) for i in range(experts))
 
 
-def grid_row(launch: Launch, model: ModelShape, tokens: int) -> dict:
+def useful_fraction(n: int, k: int, block_n: int, block_k: int, k_per_split: int) -> float:
+    """The share of a GEMM's tile work that lands on real weights: N x K over the rows and k its tiles and K steps
+    run through (a tile past N or a step past K, or past the end of a split, costs its full instructions but reads
+    only padding)."""
+    steps = sum(-(-min(k_per_split, k - start) // block_k) for start in range(0, k, k_per_split))
+    return n * k / (-(-n // block_n) * block_n * steps * block_k)
+
+
+def grid_row(launch: Launch, model: ModelShape, tokens: int, row: dict) -> dict:
+    """The launch's own figures beside its variant's `row`: its grid, the programs that have work, and the issue
+    ceiling over the bytes that must be read (the K step's ceiling times useful_fraction)."""
     c = {**dict(zip(launch.kernel.arg_names, launch.args)), **launch.kwargs}
     if launch.name not in ("gate_up_kernel", "down_kernel"):
         return dict(grid=list(launch.grid))
     n = model.inter if launch.name == "gate_up_kernel" else model.hidden
     working = _expected_blocks(tokens * model.top_k, model.experts, c["BLOCK_M"]) * -(-n // c["BLOCK_N"])
-    return dict(grid=list(launch.grid), working_ctas=working * launch.grid[1])
+    out = dict(grid=list(launch.grid), working_ctas=working * launch.grid[1], N=n, K=c["K"],
+               k_per_split=c["k_per_split"])
+    if "step_ceiling_tbs" in row:
+        useful = useful_fraction(n, c["K"], c["BLOCK_N"], c["BLOCK_K"], c["k_per_split"])
+        out.update(useful_fraction=useful, ceiling_tbs=row["step_ceiling_tbs"] * useful)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,8 +487,8 @@ def compile_all(archs=(80, 90), verbose=True, resources=False, cases=None, sass=
         rows[key] = row
         if verbose:
             extra = f"  regs={row['registers']} spill={row['spill_bytes']} B" if resources or sass else ""
-            if "ceiling_tbs" in row:
-                extra += f"  loop={row['loop_instructions']} ceiling={row['ceiling_tbs']:.2f} TB/s"
+            if "step_ceiling_tbs" in row:
+                extra += f"  loop={row['loop_instructions']} step ceiling={row['step_ceiling_tbs']:.2f} TB/s"
             print(f"sm_{arch}  {row['label']:70s} {seconds:5.1f}s  shared={row['shared_bytes']} B{extra}", flush=True)
     return rows, seen
 
@@ -480,35 +496,86 @@ def compile_all(archs=(80, 90), verbose=True, resources=False, cases=None, sass=
 # ----------------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------------
-def report(rows: dict, seen: list, archs) -> dict:
-    """JSON-able report: per (model, tokens, 4-bit) case and arch, each launch's variant figures."""
+def _commit() -> str | None:
+    """HEAD's short hash, with "+changes" where moekern/ differs from it (the kernels compiled are not the commit's)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+changes" if git("status", "--porcelain", "--", "moekern") else "")) or None
+
+
+def report(rows: dict, seen: list, archs, commit: str | None = None) -> dict:
+    """JSON-able report: per (model, tokens, 4-bit) case and arch, each launch's variant figures; `commit`: the one
+    the kernels were compiled at (taken when the run started)."""
     import torch
     import triton
 
     from moekern.ops import tuning
 
+    commit = commit or _commit()
     out_cases = []
     for case in seen:
         model = MODELS[case["model"]]
         launches = []
         for arch, planned in case["per_arch"].items():
             for launch, key in zip(planned["launches"], planned["keys"]):
-                launches.append({**rows[key], **grid_row(launch, model, case["tokens"])})
+                launches.append({**rows[key], **grid_row(launch, model, case["tokens"], rows[key])})
         out_cases.append(dict(model=case["model"], tokens=case["tokens"], bucket=tuning.bucket(case["tokens"]),
                               quant=case["quant"], in_scale=case["in_scale"],
                               triton_launches=case["triton_launches"], torch_kernel_ops=case["torch_ops"],
-                              launches=launches))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+                              commit=commit, launches=launches))
     return dict(
         command="python -m moekern.ops.compile_check --sass --out benchmarks/results/static/",
         model_of_ceiling="SMs x 4 schedulers x 1 warp-instruction/clock x clock / (K-loop warp-instructions per "
-                         "weight byte); an upper bound from instruction counts, not a measured speed",
+                         "weight byte that must be read: a K step's bytes, times the share of the tiles' rows and "
+                         "steps' k that are real, not padding); an upper bound from instruction counts, not a "
+                         "measured speed",
         machines={arch: vars(MACHINES[arch]) for arch in archs},
         models={name: vars(m) for name, m in MODELS.items()},
         versions=dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version()),
-        commit=commit or None, when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        commit=commit, commits=[commit], when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         cases=out_cases,
     )
+
+
+def merge(old: dict, new: dict) -> dict:
+    """`old` with the cases of `new` (a run over some models or token buckets) in place of its own: the report of
+    a partial rerun. Every case keeps the commit it was compiled at; `commits` lists them all."""
+    def case_key(c):
+        return c["model"], c["tokens"], c["quant"], c["in_scale"]
+
+    def current(c):  # the format of today's report: each GEMM row has its K step's ceiling and its useful share
+        return all("useful_fraction" in r for r in c["launches"] if "step_ceiling_tbs" in r) and \
+            any("step_ceiling_tbs" in r for r in c["launches"])
+
+    fresh = {case_key(c) for c in new["cases"]}
+    stale = {case_key(c) for c in old["cases"] if not current(c)} - fresh
+    if stale:
+        raise ValueError(f"cases from an older format of the report, rerun them: {sorted(stale)}")
+    if {str(a) for a in old["machines"]} != {str(a) for a in new["machines"]}:
+        raise ValueError("the runs cover different archs: merge runs of the same --arch")
+    cases = [c for c in old["cases"] if case_key(c) not in fresh] + new["cases"]
+    order = {name: i for i, name in enumerate(MODELS)}
+    cases.sort(key=lambda c: (order.get(c["model"], len(order)), c["tokens"], c["quant"], c["in_scale"]))
+    commits = list(dict.fromkeys(c["commit"] for c in cases))
+    return {**new, "cases": cases, "commits": commits, "when": f"{old['when']} and {new['when']}"
+            if set(commits) != {new["commit"]} else new["when"]}
+
+
+def _commits_line(rep: dict) -> str:
+    commits = rep.get("commits") or [rep["commit"]]
+    if len(commits) == 1:
+        return f"commit {commits[0]}"
+    parts = []
+    every_model = {c["model"] for c in rep["cases"]}
+    for commit in commits:
+        mine = [c for c in rep["cases"] if c["commit"] == commit]
+        models = {c["model"] for c in mine}
+        tokens = ", ".join(str(t) for t in sorted({c["tokens"] for c in mine}))
+        which = "" if models == every_model else f" of {', '.join(sorted(models))}"
+        parts.append(f"{commit}: {tokens} tokens{which}")
+    return "rows from several commits, merged with --merge: " + "; ".join(parts)
 
 
 def _fmt(value, digits=2):
@@ -519,7 +586,7 @@ def markdown(rep: dict) -> str:
     archs = sorted({int(a) for a in rep["machines"]}, reverse=True)
     machines = {int(a): m for a, m in rep["machines"].items()}
     lines = ["# Static performance report of the Triton MoE kernels", "",
-             f"`{rep['command']}` (commit {rep['commit']}, Triton {rep['versions']['triton']}, {rep['when']}).", "",
+             f"`{rep['command']}` ({_commits_line(rep)}, Triton {rep['versions']['triton']}, {rep['when']}).", "",
              "Every figure comes from compiling the kernels for sm_90 and sm_80 on a CPU-only machine and reading "
              "their SASS: **an issue-rate ceiling from instruction counts, not a measured speed.** The ceiling is "
              f"{rep['model_of_ceiling'].split(';')[0]}. A kernel whose ceiling is under the memory bandwidth cannot be "
@@ -532,15 +599,17 @@ def markdown(rep: dict) -> str:
     lines += ["", "Columns: tile = BLOCK_M (routed rows, the MMA's N) x BLOCK_N (weight rows) x BLOCK_K, split-K, "
               "warps; loop inst = SASS instructions in the K loop (one K step) of each warp; inst/weight = "
               "thread-instructions a weight; inst/byte = warp-instructions a weight byte (4-bit: with its scales and "
-              "zeros); barriers = BAR.* a K step; waits = wgmma waits for zero pending a K step; CTAs/SM from "
+              "zeros) of one K step; barriers = BAR.* a K step; waits = wgmma waits for zero pending a K step; "
+              "useful = the share of the tiles' rows and the K steps' k that are real weights, not padding (GPT-OSS's "
+              "2880 rows are 22.5 tiles of 128); ceiling = the K step's issue ceiling times useful; CTAs/SM from "
               "registers, shared memory and threads; working CTAs = the programs of the grid that have work under a "
               "balanced routing; inst/MMA = warp-instructions per m64n16k16 of MMA work (16,384 MACs); issue/MMA = "
               "clocks to issue a K step over the tensor cores' clocks for its MMAs.", ""]
     head = ("| model | tokens | op | kind | tile | regs | spill | smem KB | CTAs/SM | working CTAs | loop inst | "
-            "inst/weight | inst/byte | barriers | waits | cp.async | ceiling TB/s |")
+            "inst/weight | inst/byte | barriers | waits | cp.async | useful | ceiling TB/s |")
     for arch in archs:
         lines += [f"## sm_{arch}: memory-bound tiles (BLOCK_M 16: decode and small batches)", "", head,
-                  "|" + "---|" * 17]
+                  "|" + "---|" * 18]
         for case, row in _gemm_rows(rep, arch, lambda r: r["BLOCK_M"] <= 16):
             tile = f"{row['BLOCK_M']} x {row['BLOCK_N']} x {row['BLOCK_K']}, {row['SPLIT_K']}, {row['num_warps']}"
             lines.append(
@@ -549,7 +618,7 @@ def markdown(rep: dict) -> str:
                 f"{row['shared_bytes'] / 1024:.0f} | {row['ctas_per_sm']} | {row.get('working_ctas', '-')} | "
                 f"{row['loop_instructions']} | {row['thread_inst_per_weight']:.2f} | {row['warp_inst_per_byte']:.3f} | "
                 f"{row['barriers_per_step']} | {row['wgmma_waits_all']} | {'yes' if row['cp_async'] else 'no'} | "
-                f"{row['ceiling_tbs']:.2f} |")
+                f"{row['useful_fraction']:.3f} | {row['ceiling_tbs']:.2f} |")
         lines.append("")
     for arch in archs:
         lines += [f"## sm_{arch}: compute tiles (BLOCK_M 32 to 128: prefill and large batches)", "",
@@ -693,12 +762,19 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="with --sass: a subset of the models")
     parser.add_argument("--tokens", nargs="+", type=int, help="with --sass: a subset of the token buckets")
     parser.add_argument("--out", type=Path, help="with --sass: folder for report.json and report.md")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --sass --out: replace only this run's cases in the report.json there")
     args = parser.parse_args(argv)
     if not args.sass:
         compile_all(tuple(args.arch), resources=args.resources)
         return 0
+    commit = _commit()  # before the hour of compiling: the code the kernels are compiled from
     rows, seen = compile_all(tuple(args.arch), cases=full_cases(args.models, args.tokens), sass=True)
-    rep = report(rows, seen, tuple(args.arch))
+    rep = report(rows, seen, tuple(args.arch), commit)
+    if args.merge:
+        if not args.out or not (args.out / "report.json").exists():
+            parser.error("--merge needs --out with a report.json in it")
+        rep = merge(json.loads((args.out / "report.json").read_text()), rep)
     text = markdown(rep)
     print("\n".join(targets(rep)))
     if args.out:

@@ -25,10 +25,13 @@ dequantized values (the reshapes in _q4_decode only rename registers; the SASS h
 one word is the lop3 / magic-number trick: (word >> 4i) & 0x000F000F | 0x43004300 gives two bf16 of value 128 + q,
 and one fused multiply-add with -(128 + zero) leaves q - zero exactly, 1.4 instructions a weight in all
 (tl.inline_asm_elementwise; Triton's interpreter cannot run PTX, so it takes a portable shift-and-mask path over the
-same layout, and tests/test_ops_mma_layout.py emulates the PTX). K steps are one or two whole quantization groups:
-at decode each group's MMA result is multiplied by the group's scales (fewest instructions); at prefill the scales go
-into the dequantization (one more multiply a pair) so that the MMAs accumulate in place and stay in flight; groups of
-16 or 32 take a zero and scale per 16-k word. The static report (python -m moekern.ops.compile_check --sass, in
+same layout, and tests/test_ops_mma_layout.py emulates the PTX). K steps are whole quantization groups of 64 or more
+(at decode up to five: tuning.decode_k_step): at decode each group's MMA result is multiplied by the group's scales
+(fewest instructions); at prefill the scales go into the dequantization (one more multiply a pair) so that the MMAs
+accumulate in place and stay in flight. Their zeros and scales come from a second load-time layout (mma_meta): a
+lane's rows g and g + 8 side by side, so that each is one load at a fixed offset from one pointer, no masks, read a
+step ahead, and one prmt turns a zero pair into the decoder's operands. Groups of 16 or 32 take a zero and scale per
+16-k word from moekern's layout. The static report (python -m moekern.ops.compile_check --sass, in
 benchmarks/results/static/) counts every variant's instructions.
 
 Tiles: BLOCK_M rows of the sorted pairs (one expert per block) x BLOCK_N outputs, a K loop of BLOCK_K, split into
@@ -99,6 +102,7 @@ class Quant4:
 MMA_N, MMA_K = 16, 64
 MMA_K_PAD = 256  # K is padded to whole K steps of the widest tile (zeros, against activations masked to zero)
 MMA_N_PAD = 128  # and N to whole tiles of the widest BLOCK_N, so that no tile reads past a half's words
+MMA_META_AHEAD = 2 * MMA_K_PAD  # mma_meta's groups run this far past K padded: the read a step ahead of the widest step
 NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
@@ -170,7 +174,46 @@ def mma_layout(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: in
     return out
 
 
-_MMA_CACHE: dict[int, tuple] = {}
+def mma_meta(w: Quant4, halves: int = 1, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """moekern's scales and zeros [E, K/G, N] -> (scales, zeros) for K steps of whole groups, each
+    [E, N'/128, G', halves, 8, 8, 2]: per 128-row tile, group, half, 16-row block and row g < 8, the pair of rows
+    g and g + 8. A lane's two rows are one load (zeros as an int16, scales as an int32 or int64), and every load of
+    a K step, both halves, each 16-row block and each group, sits at a fixed offset from one pointer. Rows are
+    padded like the words' (MMA_N_PAD), groups to K padded to MMA_K_PAD plus MMA_META_AHEAD (the kernels read a step
+    ahead), with scale 0 and zero 0. Halves as in mma_layout. Scales keep their dtype, zeros uint8: 3 bytes a
+    row and group with 16-bit scales, as in moekern's layout."""
+    e, n, k = w.shape
+    rows, group = n // halves, w.group_size
+    if MMA_K_PAD % group:
+        raise ValueError(f"the tensor-core meta layout needs groups that divide {MMA_K_PAD}, not {group}")
+    np_, gp = rows + -rows % MMA_N_PAD, (k + -k % MMA_K_PAD + MMA_META_AHEAD) // group
+
+    def arrange(t):  # [E, G, N] -> [E, N'/128, G', halves, 8, 8, 2]
+        g = t.shape[1]
+        if interleaved:
+            t = torch.stack([t[:, :, 0::2], t[:, :, 1::2]], 1)
+        else:
+            t = t.reshape(e, g, halves, rows).transpose(1, 2)
+        t = _pad_to(_pad_to(t, 3, MMA_N_PAD), 2, gp)  # [E, halves, G', N'], N' = 128 tile + 16 nb + 8 hi + g
+        t = t.reshape(e, halves, gp, np_ // 128, 8, 2, 8).permute(0, 3, 2, 1, 4, 6, 5)  # e tile grp half nb g hi
+        return t.contiguous()
+
+    return arrange(w.scales), arrange(w.zeros)
+
+
+_MMA_CACHE: dict[tuple, tuple] = {}
+
+
+def _cached(kind: str, sources: tuple, params: tuple, make):
+    """make(), kept per (kind, first source tensor) while that tensor lives and no source is modified in place."""
+    key = (kind, id(sources[0]))
+    stamp = tuple((t.data_ptr(), t.shape, t._version) for t in sources) + params
+    hit = _MMA_CACHE.get(key)
+    if hit is not None and hit[0]() is sources[0] and hit[1] == stamp:
+        return hit[2]
+    value = make()
+    _MMA_CACHE[key] = (weakref.ref(sources[0], lambda _, key=key: _MMA_CACHE.pop(key, None)), stamp, value)
+    return value
 
 
 def mma_words(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: int = 2) -> torch.Tensor:
@@ -178,15 +221,13 @@ def mma_words(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: int
 
     The cache holds a second copy of the 4-bit words next to the module's (saved) layout. Call it once before a CUDA
     graph capture (an eager forward does), so that the capture records only the GEMMs."""
-    q = w.qweight
-    key = id(q)
-    stamp = (q.data_ptr(), q.shape, q._version, halves, interleaved, kwidth)
-    hit = _MMA_CACHE.get(key)
-    if hit is not None and hit[0]() is q and hit[1] == stamp:
-        return hit[2]
-    words = mma_layout(w, halves, interleaved, kwidth)
-    _MMA_CACHE[key] = (weakref.ref(q, lambda _, key=key: _MMA_CACHE.pop(key, None)), stamp, words)
-    return words
+    return _cached("words", (w.qweight,), (halves, interleaved, kwidth),
+                   lambda: mma_layout(w, halves, interleaved, kwidth))
+
+
+def mma_meta_cached(w: Quant4, halves: int = 1, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """mma_meta(w), made once per scales tensor like mma_words (a second copy of the scales and zeros)."""
+    return _cached("meta", (w.scales, w.zeros), (halves, interleaved), lambda: mma_meta(w, halves, interleaved))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,62 +314,150 @@ def _q4_step(BLOCK_K: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4_group_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stride_sg, stride_sn, half_col,
-                   N_MUL: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
-    """Zeros (int32) and scales (fp32) of rows g (lo) and g + 8 (hi) of each 16-row block in group `grp`, shaped
-    [1, NB, 8, 1, 1, 1] (a lane's rows, as _q4_decode broadcasts them). The group index is clamped, so that the read
-    one step past the end stays inside. moekern's layout: column n * N_MUL + half * half_col of [E, K / G, N]."""
+def _q4_meta_ptrs(z_ptr, s_ptr, e, n0, grp, stride_me, stride_mt, HALVES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers to the row pairs (g, g + 8) of zeros (two uint8 as one uint16) and scales (two as one int32, or int64
+    for fp32 scales) of each 16-row block of rows n0.. in group `grp` and half 0, in the tensor-core meta layout
+    (mma_meta; strides in pairs), shaped [1, NB, 8, 1, 1, 1]: a lane's rows, as _q4_decode broadcasts them. Half h
+    is 64 pairs on, the next group HALVES * 64: every load of a step is a fixed offset from these two pointers."""
     NB: tl.constexpr = BLOCK_N // 16
-    row = n0 + tl.arange(0, NB)[None, :, None, None, None, None] * 16 + tl.arange(0, 8)[None, None, :, None, None, None]
-    lo = e * stride_se + tl.minimum(grp, num_groups - 1) * stride_sg + (row * N_MUL + half * half_col) * stride_sn
-    hi = lo + 8 * N_MUL * stride_sn
-    if EVEN_N:
-        z_lo = tl.load(z_ptr + lo).to(tl.int32)
-        z_hi = tl.load(z_ptr + hi).to(tl.int32)
-        s_lo = tl.load(s_ptr + lo).to(tl.float32)
-        s_hi = tl.load(s_ptr + hi).to(tl.float32)
+    PAIR: tl.constexpr = tl.int32 if s_ptr.dtype.element_ty.primitive_bitwidth == 16 else tl.int64
+    nb = (n0 % 128) // 16 + tl.arange(0, NB)[None, :, None, None, None, None]
+    g = tl.arange(0, 8)[None, None, :, None, None, None]
+    off = e * stride_me + (n0 // 128) * stride_mt + grp * (HALVES * 64) + nb * 8 + g
+    return z_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + off, s_ptr.to(tl.pointer_type(PAIR), bitcast=True) + off
+
+
+@triton.jit
+def _q4_step_meta(zp, sp, half: tl.constexpr, HALVES: tl.constexpr, SUB: tl.constexpr):
+    """The packed (zeros, scales) pairs of half `half` for each of the SUB groups of a K step: a flat tuple of 2 SUB
+    tensors, unpacked where used (_q4_unpair), so that a step read ahead holds one register a pair. No masks and no
+    clamping: mma_meta is padded with zeros to whole tiles of rows and a step of groups past K."""
+    meta = ()
+    for sub in tl.static_range(SUB):
+        off = (sub * HALVES + half) * 64
+        meta = meta + (tl.load(zp + off), tl.load(sp + off))
+    return meta
+
+
+@triton.jit
+def _q4_unpair(zz, ss, SDT: tl.constexpr, F32: tl.constexpr):
+    """(zero of row g, zero of row g + 8) as int32 and (scale of g, scale of g + 8), in SDT or (F32) in fp32, from
+    their packed pairs. bf16 to fp32 is a shift or a mask of the pair's bits."""
+    z = zz.to(tl.int32)  # zero-extended: the high byte is row g + 8's zero
+    if SDT == tl.bfloat16 and F32:
+        s_lo = (ss << 16).to(tl.float32, bitcast=True)
+        s_hi = (ss & -65536).to(tl.float32, bitcast=True)  # & 0xFFFF0000
+    elif SDT.primitive_bitwidth == 16:
+        s_lo = (ss & 0xFFFF).to(tl.int16).to(SDT, bitcast=True)
+        s_hi = (ss >> 16).to(tl.int16).to(SDT, bitcast=True)
     else:
-        z_lo = tl.load(z_ptr + lo, mask=row < N, other=0).to(tl.int32)
-        z_hi = tl.load(z_ptr + hi, mask=row + 8 < N, other=0).to(tl.int32)
-        s_lo = tl.load(s_ptr + lo, mask=row < N, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + hi, mask=row + 8 < N, other=0.0).to(tl.float32)
+        s_lo = ss.to(tl.int32).to(SDT, bitcast=True)
+        s_hi = (ss >> 32).to(tl.int32).to(SDT, bitcast=True)
+    if F32:
+        s_lo = s_lo.to(tl.float32)
+        s_hi = s_hi.to(tl.float32)
+    return z & 0xFF, z >> 8, s_lo, s_hi
+
+
+def _meta_asm(dtype: str, scaled: bool) -> str:
+    """PTX from a packed zero pair ($4 or $2: bytes z_g, z_g+8) and, where scaled, a packed 16-bit scale pair ($5)
+    to the decoder's operands: -(MAGIC + zero) of row g ($0) and g + 8 ($1) as two equal halves (bytes zero, the
+    magic's sign-and-exponent byte, zero, that byte: one prmt each), and each row's scale twice ($2, $3)."""
+    neg = "0xC3" if dtype == "bf16" else "0xE4"
+    z = "$4" if scaled else "$2"
+    lines = [".reg .b32 m;", f"mov.b32 m, {neg};", f"prmt.b32 $0, {z}, m, 0x4040;", f"prmt.b32 $1, {z}, m, 0x4141;"]
+    if scaled:
+        lines += ["prmt.b32 $2, $5, 0, 0x1010;", "prmt.b32 $3, $5, 0, 0x3232;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_META_BF16 = tl.constexpr(_meta_asm("bf16", False))
+_META_BF16_SCALED = tl.constexpr(_meta_asm("bf16", True))
+_META_F16 = tl.constexpr(_meta_asm("f16", False))
+_META_F16_SCALED = tl.constexpr(_meta_asm("f16", True))
+
+
+@triton.jit
+def _meta_words(zz, ss, BF16: tl.constexpr, SCALED: tl.constexpr):
+    """The decoder's zero (and scale) operands of rows g and g + 8 from their packed pairs (_meta_asm): four int32
+    tensors (the zero words again in place of the scales where not SCALED). SCALED needs scales in the activations'
+    16-bit dtype."""
+    z = zz.to(tl.int32)
+    if SCALED:
+        if BF16:
+            z_lo, z_hi, s_lo, s_hi = tl.inline_asm_elementwise(
+                asm=_META_BF16_SCALED, constraints="=r,=r,=r,=r,r,r", args=[z, ss],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            z_lo, z_hi, s_lo, s_hi = tl.inline_asm_elementwise(
+                asm=_META_F16_SCALED, constraints="=r,=r,=r,=r,r,r", args=[z, ss],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        if BF16:
+            z_lo, z_hi = tl.inline_asm_elementwise(asm=_META_BF16, constraints="=r,=r,r", args=[z],
+                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            z_lo, z_hi = tl.inline_asm_elementwise(asm=_META_F16, constraints="=r,=r,r", args=[z],
+                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        s_lo, s_hi = z_lo, z_hi
     return z_lo, z_hi, s_lo, s_hi
 
 
 @triton.jit
-def _q4_step_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stride_sg, stride_sn, half_col,
-                  N_MUL: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, EVEN_N: tl.constexpr):
-    """_q4_group_meta of the (one or two) groups of a K step from group `grp` on: 8 tensors, the second four the
-    first again where a step is one group."""
-    z_lo0, z_hi0, s_lo0, s_hi0 = _q4_group_meta(z_ptr, s_ptr, e, half, n0, grp, N, num_groups, stride_se, stride_sg,
-                                                stride_sn, half_col, N_MUL, BLOCK_N, EVEN_N)
-    if SUB == 2:
-        z_lo1, z_hi1, s_lo1, s_hi1 = _q4_group_meta(z_ptr, s_ptr, e, half, n0, grp + 1, N, num_groups, stride_se,
-                                                    stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, EVEN_N)
+def _q4_group_acc(acc, wp, xt, zz, ss, sub: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                  DT: tl.constexpr, SDT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc += dequantize(W)[rows, group `sub` of the K step] @ xt, factored (decode): the MMA takes q - zero and its
+    result is multiplied by the rows' scales, put in the order of the MMA's rows (16 nb + 8 hi + g) so that they meet
+    it without a layout conversion: the fewest instructions, but each wgmma is waited for. The group's words start
+    sub * GROUP / 64 blocks past wp; its zeros and scales come packed in zz, ss (_q4_step_meta)."""
+    NB: tl.constexpr = BLOCK_N // 16
+    wp = wp + sub * _q4_step(GROUP, ASM)
+    if ASM:  # the asm decoder's zero operands straight from the pair
+        z_lo, z_hi = _meta_words(zz, ss, DT == tl.bfloat16, False)[:2]
     else:
-        z_lo1, z_hi1, s_lo1, s_hi1 = z_lo0, z_hi0, s_lo0, s_hi0
-    return z_lo0, z_hi0, s_lo0, s_hi0, z_lo1, z_hi1, s_lo1, s_hi1
+        z_lo, z_hi = _q4_unpair(zz, ss, SDT, False)[:2]
+    w = _q4_decode(wp, z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW, ASM)
+    s_lo, s_hi = _q4_unpair(zz, ss, SDT, True)[2:]
+    s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
+    return _mma(acc, w, xt, s, True, DOT_FP32)
 
 
 @triton.jit
-def _q4_group_acc(acc, wp, xt, z_lo, z_hi, s_lo, s_hi, sub: tl.constexpr, BLOCK_N: tl.constexpr,
-                  GROUP: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr,
-                  FACTORED: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc += dequantize(W)[rows, group `sub` of the K step] @ xt (the group's words start sub * GROUP / 64 blocks
-    past wp). FACTORED: the MMA takes q - zero and its result is multiplied by the rows' scales, put in the order of
-    the MMA's rows (16 nb + 8 hi + g) so that they meet it without a layout conversion: the fewest instructions, but
-    each wgmma is waited for. Else the scales go into the dequantization and the MMA accumulates in place: the
-    asynchronous wgmma stays in flight into the next step (prefill)."""
-    NB: tl.constexpr = BLOCK_N // 16
-    wp = wp + sub * _q4_step(GROUP, ASM)
-    if FACTORED:
-        w = _q4_decode(wp, z_lo, z_hi, z_lo, z_hi, BLOCK_N, GROUP, DT, ASM, False, KW)
-        s = tl.join(s_lo.reshape(NB, 8), s_hi.reshape(NB, 8)).permute(0, 2, 1).reshape(BLOCK_N)
-        acc = _mma(acc, w, xt, s, True, DOT_FP32)
+def _stack_groups(a, b, KB: tl.constexpr):
+    """Two groups' [1, NB, 8, 1, 1, 1] -> [KB, NB, 8, 1, 1, 1]: the step's first KB / 2 64-k blocks take a, the
+    rest b (registers only: each lane already holds both)."""
+    NB: tl.constexpr = a.shape[1]
+    t = tl.join(a, b).permute(6, 0, 1, 2, 3, 4, 5)  # [2, 1, NB, 8, 1, 1, 1]
+    return tl.broadcast_to(t, (2, KB // 2, NB, 8, 1, 1, 1)).reshape(KB, NB, 8, 1, 1, 1)
+
+
+@triton.jit
+def _q4_step_acc(acc, wp, xt, meta, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr, DT: tl.constexpr, SDT: tl.constexpr, ASM: tl.constexpr, KW: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """acc += dequantize(W)[rows, K step] @ xt for a step of one or two whole groups, scales in the dequantization,
+    decoded at once and one MMA: the asynchronous wgmma accumulates in place and stays in flight into the next step
+    (a dot a group would wait for the first). meta: _q4_step_meta's tuple; each 64-k block takes its group's zeros
+    and scales."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    KB: tl.constexpr = BLOCK_K // 64
+    tl.static_assert(NG == 1 or NG == 2, "prefill steps are one or two groups")
+    WORDS: tl.constexpr = ASM and SDT == DT  # the asm decoder's operands straight from the pairs
+    if WORDS:
+        z_lo, z_hi, s_lo, s_hi = _meta_words(meta[0], meta[1], DT == tl.bfloat16, True)
     else:
-        w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, GROUP, DT, ASM, True, KW)
-        acc = _mma(acc, w, xt, acc, False, DOT_FP32)
-    return acc
+        z_lo, z_hi, s_lo, s_hi = _q4_unpair(meta[0], meta[1], SDT, False)
+    if NG == 2:
+        if WORDS:
+            z_lo1, z_hi1, s_lo1, s_hi1 = _meta_words(meta[2], meta[3], DT == tl.bfloat16, True)
+        else:
+            z_lo1, z_hi1, s_lo1, s_hi1 = _q4_unpair(meta[2], meta[3], SDT, False)
+        z_lo = _stack_groups(z_lo, z_lo1, KB)
+        z_hi = _stack_groups(z_hi, z_hi1, KB)
+        s_lo = _stack_groups(s_lo, s_lo1, KB)
+        s_hi = _stack_groups(s_hi, s_hi1, KB)
+    w = _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N, BLOCK_K, DT, ASM, True, KW, WORDS)
+    return _mma(acc, w, xt, acc, False, DOT_FP32)
 
 
 @triton.jit
@@ -357,10 +486,11 @@ def _q4_scaled_meta(z_ptr, s_ptr, e, half, n0, k0, N, num_groups, stride_se, str
 
 @triton.jit
 def _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
-               ASM: tl.constexpr, SCALED: tl.constexpr, KW: tl.constexpr):
+               ASM: tl.constexpr, SCALED: tl.constexpr, KW: tl.constexpr, WORDS: tl.constexpr = False):
     """The A operand [BLOCK_N, BLOCK_K] from the words at wp (_q4_words): q - zero in DT, times the scale where
     SCALED. Zeros and scales of rows g (lo) and g + 8 (hi) broadcast over the words: in the kwidth-2 layout a word
-    holds both rows (values 2, 3, 6, 7 are row g + 8), in the kwidth-8 layout word j holds row g + 8 (j % 2)."""
+    holds both rows (values 2, 3, 6, 7 are row g + 8), in the kwidth-8 layout word j holds row g + 8 (j % 2).
+    WORDS (ASM only): they come as the asm's operands already (_meta_words)."""
     KB: tl.constexpr = BLOCK_K // 64
     NB: tl.constexpr = BLOCK_N // 16
     jj = tl.arange(0, 4)[None, None, None, None, :, None]
@@ -368,12 +498,15 @@ def _q4_decode(wp, z_lo, z_hi, s_lo, s_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
         wb = tl.load(wp).reshape(KB, NB, 8, 4, 4, 4)  # word j, its 4 bytes: pack=4 hands the asm one word
         # -(MAGIC + zero) twice, as the bits of a bf16x2 / f16x2: the magic's sign bit set, the zero in the mantissa
         NEG: tl.constexpr = 0xC300 if DT == tl.bfloat16 else 0xE400
-        zlo = (NEG | z_lo) * 0x10001
-        zhi = (NEG | z_hi) * 0x10001
-        if SCALED:
+        if WORDS:
+            zlo, zhi, slo, shi = z_lo, z_hi, s_lo, s_hi
+        else:
+            zlo = (NEG | z_lo) * 0x10001
+            zhi = (NEG | z_hi) * 0x10001
+        if SCALED and not WORDS:
             slo = s_lo.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) * 0x10001
             shi = s_hi.to(DT).to(tl.uint16, bitcast=True).to(tl.int32) * 0x10001
-        else:
+        elif not SCALED:
             slo = zlo
             shi = zhi
         if KW != 2:  # one row a word: its zero (and scale) for all four registers
@@ -472,15 +605,18 @@ def gate_up_kernel(
     HAS_BIAS: tl.constexpr, HAS_IN_SCALE: tl.constexpr, DOT_FP32: tl.constexpr, ASM: tl.constexpr,
     GROUPED: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, KW: tl.constexpr,
 ):
-    """4-bit weights: w_ptr holds the tensor-core words (stride_wn: between 16-row blocks); scales and zeros keep
-    moekern's layout. GROUPED: a K step is whole groups (see _q4_group_acc for FACTORED); else 64-k steps with a
-    zero and scale per 16-k word (groups of 16 and 32)."""
+    """4-bit weights: w_ptr holds the tensor-core words (stride_wn: between 16-row blocks). GROUPED: a K step is
+    whole groups (see _q4_group_acc for FACTORED), scales and zeros in the tensor-core meta layout (mma_meta), whose
+    expert and 128-row-tile strides (in row pairs) come as stride_se and stride_sg; else 64-k steps with a zero and
+    scale per 16-k word (groups of 16 and 32) read from moekern's layout [E, K / G, N] (stride_se, stride_sg,
+    stride_sn as named)."""
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks, num_n, GROUP_M)
     split = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= 0:  # -1: a block past the used rows; it does nothing (the grid is the static bound)
         DT: tl.constexpr = tl.float32 if x_ptr.dtype.element_ty == tl.float32 else x_ptr.dtype.element_ty
+        SDT: tl.constexpr = s_ptr.dtype.element_ty
         MP: tl.constexpr = 16 if BLOCK_M < 16 else BLOCK_M  # the MMA's N: at least 16 (blocks of fewer rows pad)
         m = tl.arange(0, MP)
         pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + m, mask=m < BLOCK_M, other=num_pairs)
@@ -496,45 +632,41 @@ def gate_up_kernel(
         acc_u = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        # GROUPED: a K step is SUB whole groups (of 64 or more), each its own MMA, zeros and scales read a step ahead
-        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
-        SUB: tl.constexpr = BLOCK_K // KS
+        # GROUPED: a K step is SUB whole groups (of 64 or more), zeros and scales read a step ahead; FACTORED: each
+        # group its own MMA (KS = GROUP wide), else the step decoded at once and one MMA (KS = BLOCK_K)
+        KS: tl.constexpr = GROUP if QUANT and GROUPED and FACTORED else BLOCK_K
+        SUB: tl.constexpr = BLOCK_K // GROUP if QUANT and GROUPED else 1
         xp = x_ptr + token[:, None].to(tl.int64) * stride_xt + (k_start + tl.arange(0, KS))[None, :]
         if QUANT:
             wp_g = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
             wp_u = _q4_words(w_ptr, e, 1, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
             if GROUPED:  # zeros and scales of the first step; the loop reads each next step's ahead
-                g0, g1, g2, g3, g4, g5, g6, g7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, k_start // GROUP, I,
-                                                               num_groups, stride_se, stride_sg, stride_sn, half_col,
-                                                               N_MUL, BLOCK_N, SUB, EVEN_N)
-                u0, u1, u2, u3, u4, u5, u6, u7 = _q4_step_meta(z_ptr, s_ptr, e, 1, n0, k_start // GROUP, I,
-                                                               num_groups, stride_se, stride_sg, stride_sn, half_col,
-                                                               N_MUL, BLOCK_N, SUB, EVEN_N)
+                mz, ms = _q4_meta_ptrs(z_ptr, s_ptr, e, n0, k_start // GROUP, stride_se, stride_sg, 2, BLOCK_N)
+                meta_g = _q4_step_meta(mz, ms, 0, 2, SUB)
+                meta_u = _q4_step_meta(mz, ms, 1, 2, SUB)
         else:
             rows = offs_n * N_MUL
             wp_g = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + \
                 (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
             wp_u = wp_g + half_col * stride_wn
         for k0 in range(k_start, k_end, BLOCK_K):
-            if QUANT and GROUPED:
+            if QUANT and GROUPED and FACTORED:
                 for sub in tl.static_range(SUB):
                     xt = _load_rows(xp + sub * KS, k0 + sub * KS, k_end, in_scale_ptr, e, stride_ie, DT, KS,
                                     HAS_IN_SCALE, EVEN_K)
-                    if sub == 0:
-                        zg_lo, zg_hi, sg_lo, sg_hi, zu_lo, zu_hi, su_lo, su_hi = g0, g1, g2, g3, u0, u1, u2, u3
-                    else:
-                        zg_lo, zg_hi, sg_lo, sg_hi, zu_lo, zu_hi, su_lo, su_hi = g4, g5, g6, g7, u4, u5, u6, u7
-                    acc_g = _q4_group_acc(acc_g, wp_g, xt, zg_lo, zg_hi, sg_lo, sg_hi, sub, BLOCK_N, GROUP, DT, ASM,
-                                          KW, FACTORED, DOT_FP32)
-                    acc_u = _q4_group_acc(acc_u, wp_u, xt, zu_lo, zu_hi, su_lo, su_hi, sub, BLOCK_N, GROUP, DT, ASM,
-                                          KW, FACTORED, DOT_FP32)
-                nxt = (k0 + BLOCK_K) // GROUP
-                g0, g1, g2, g3, g4, g5, g6, g7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, nxt, I, num_groups, stride_se,
-                                                               stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, SUB,
-                                                               EVEN_N)
-                u0, u1, u2, u3, u4, u5, u6, u7 = _q4_step_meta(z_ptr, s_ptr, e, 1, n0, nxt, I, num_groups, stride_se,
-                                                               stride_sg, stride_sn, half_col, N_MUL, BLOCK_N, SUB,
-                                                               EVEN_N)
+                    acc_g = _q4_group_acc(acc_g, wp_g, xt, meta_g[2 * sub], meta_g[2 * sub + 1], sub, BLOCK_N, GROUP,
+                                          DT, SDT, ASM, KW, DOT_FP32)
+                    acc_u = _q4_group_acc(acc_u, wp_u, xt, meta_u[2 * sub], meta_u[2 * sub + 1], sub, BLOCK_N, GROUP,
+                                          DT, SDT, ASM, KW, DOT_FP32)
+            elif QUANT and GROUPED:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
+                acc_g = _q4_step_acc(acc_g, wp_g, xt, meta_g, BLOCK_N, BLOCK_K, GROUP, DT, SDT, ASM, KW, DOT_FP32)
+                acc_u = _q4_step_acc(acc_u, wp_u, xt, meta_u, BLOCK_N, BLOCK_K, GROUP, DT, SDT, ASM, KW, DOT_FP32)
+            if QUANT and GROUPED:
+                mz += SUB * 2 * 64
+                ms += SUB * 2 * 64
+                meta_g = _q4_step_meta(mz, ms, 0, 2, SUB)
+                meta_u = _q4_step_meta(mz, ms, 1, 2, SUB)
                 wp_g += _q4_step(BLOCK_K, ASM)
                 wp_u += _q4_step(BLOCK_K, ASM)
             else:
@@ -610,12 +742,14 @@ def down_kernel(
     DOT_FP32: tl.constexpr, ASM: tl.constexpr, GROUPED: tl.constexpr, FACTORED: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr, KW: tl.constexpr,
 ):
+    """Weights, scales and zeros as in gate_up_kernel (one half)."""
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_blocks, num_n, GROUP_M)
     split = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= 0:
         DT: tl.constexpr = tl.float32 if inter_ptr.dtype.element_ty == tl.float32 else inter_ptr.dtype.element_ty
+        SDT: tl.constexpr = s_ptr.dtype.element_ty
         MP: tl.constexpr = 16 if BLOCK_M < 16 else BLOCK_M
         m = tl.arange(0, MP)
         pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + m, mask=m < BLOCK_M, other=num_pairs)
@@ -626,30 +760,32 @@ def down_kernel(
         acc = tl.zeros((BLOCK_N, MP), tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        KS: tl.constexpr = GROUP if QUANT and GROUPED else BLOCK_K
-        SUB: tl.constexpr = BLOCK_K // KS
+        KS: tl.constexpr = GROUP if QUANT and GROUPED and FACTORED else BLOCK_K
+        SUB: tl.constexpr = BLOCK_K // GROUP if QUANT and GROUPED else 1
         xp = inter_ptr + tl.where(row_ok, pairs, 0)[:, None].to(tl.int64) * stride_it + \
             (k_start + tl.arange(0, KS))[None, :]
         if QUANT:
             wp = _q4_words(w_ptr, e, 0, n0, k_start, stride_we, stride_wh, stride_wn, BLOCK_N, KS, ASM)
             if GROUPED:
-                m0, m1, m2, m3, m4, m5, m6, m7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, k_start // GROUP, N,
-                                                               num_groups, stride_se, stride_sg, stride_sn, 0, 1,
-                                                               BLOCK_N, SUB, EVEN_N)
+                mz, ms = _q4_meta_ptrs(z_ptr, s_ptr, e, n0, k_start // GROUP, stride_se, stride_sg, 1, BLOCK_N)
+                meta = _q4_step_meta(mz, ms, 0, 1, SUB)
         else:
             wp = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + \
                 (k_start + tl.arange(0, BLOCK_K))[None, :] * stride_wk
         for k0 in range(k_start, k_end, BLOCK_K):
+            if QUANT and GROUPED and FACTORED:
+                for sub in tl.static_range(SUB):
+                    xt = _load_rows(xp + sub * KS, k0 + sub * KS, k_end, in_scale_ptr, e, stride_ie, DT, KS,
+                                    HAS_IN_SCALE, EVEN_K)
+                    acc = _q4_group_acc(acc, wp, xt, meta[2 * sub], meta[2 * sub + 1], sub, BLOCK_N, GROUP, DT, SDT,
+                                        ASM, KW, DOT_FP32)
+            elif QUANT and GROUPED:
+                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
+                acc = _q4_step_acc(acc, wp, xt, meta, BLOCK_N, BLOCK_K, GROUP, DT, SDT, ASM, KW, DOT_FP32)
             if QUANT and GROUPED:
-                xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
-                acc = _q4_group_acc(acc, wp, xt, m0, m1, m2, m3, 0, BLOCK_N, GROUP, DT, ASM, KW, FACTORED, DOT_FP32)
-                if SUB == 2:
-                    xt = _load_rows(xp + KS, k0 + KS, k_end, in_scale_ptr, e, stride_ie, DT, KS, HAS_IN_SCALE, EVEN_K)
-                    acc = _q4_group_acc(acc, wp, xt, m4, m5, m6, m7, 1, BLOCK_N, GROUP, DT, ASM, KW, FACTORED,
-                                        DOT_FP32)
-                m0, m1, m2, m3, m4, m5, m6, m7 = _q4_step_meta(z_ptr, s_ptr, e, 0, n0, (k0 + BLOCK_K) // GROUP, N,
-                                                               num_groups, stride_se, stride_sg, stride_sn, 0, 1,
-                                                               BLOCK_N, SUB, EVEN_N)
+                mz += SUB * 64
+                ms += SUB * 64
+                meta = _q4_step_meta(mz, ms, 0, 1, SUB)
                 wp += _q4_step(BLOCK_K, ASM)
             else:
                 xt = _load_rows(xp, k0, k_end, in_scale_ptr, e, stride_ie, DT, BLOCK_K, HAS_IN_SCALE, EVEN_K)
@@ -710,18 +846,24 @@ class _Weight:
     num_groups: int
 
 
-def _weight(w, halves: int, act: Activation | None, kwidth: int) -> _Weight:
+def _weight(w, halves: int, act: Activation | None, kwidth: int, cfg: tuning.GemmConfig) -> _Weight:
     if isinstance(w, Quant4):
         group = w.group_size
         if not tuning.group_size_supported(group):
             raise ValueError(f"the 4-bit kernels need a power-of-two group size of at least 16, not {group}")
-        words = mma_words(w, halves, act is not None and act.kind == "clamped_swiglu", kwidth)
-        s, z = w.scales, w.zeros.contiguous()
-        if s.stride() != z.stride():
-            s = s.contiguous()
+        interleaved = act is not None and act.kind == "clamped_swiglu"
+        words = mma_words(w, halves, interleaved, kwidth)
+        if _grouped(group, cfg):  # whole groups a K step: the tensor-core meta layout (expert, half, block strides)
+            s, z = mma_meta_cached(w, halves, interleaved)
+            meta_strides = (s.stride(0) // 2, s.stride(1) // 2, 0)  # in pairs: expert, 128-row tile
+        else:
+            s, z = w.scales, w.zeros.contiguous()
+            if s.stride() != z.stride():
+                s = s.contiguous()
+            meta_strides = tuple(s.stride())
         b = words.element_size()  # byte strides (expert, half, 16-row block): the kernel reads the words as bytes
         strides = (words.stride(0) * b, words.stride(1) * b, words.stride(2) * b, 0)
-        return _Weight(words, s, z, strides, tuple(s.stride()), True, group, s.shape[1])
+        return _Weight(words, s, z, strides, meta_strides, True, group, w.scales.shape[1])
     return _Weight(w, w, w, (w.stride(0), 0, w.stride(1), w.stride(2)), (0, 0, 0), False, 1, 1)
 
 
@@ -750,9 +892,10 @@ def _check_tile(wt: _Weight, cfg: tuning.GemmConfig):
         raise ValueError(f"4-bit tiles of {cfg.BLOCK_N} rows would read past the words (padded to {MMA_N_PAD} rows)")
 
 
-def _grouped(wt: _Weight, cfg: tuning.GemmConfig) -> bool:
-    """K steps of one or two whole groups of 64 or more (zeros and scales read a step ahead, one row each)."""
-    return wt.quant and wt.group >= tuning.QUANT_K and cfg.BLOCK_K % wt.group == 0 and cfg.BLOCK_K // wt.group <= 2
+def _grouped(group: int, cfg: tuning.GemmConfig) -> bool:
+    """K steps of whole groups of 64 to MMA_K_PAD (zeros and scales read a step ahead from mma_meta, whose padding
+    past K covers a step of up to MMA_META_AHEAD)."""
+    return tuning.QUANT_K <= group <= MMA_K_PAD and cfg.BLOCK_K % group == 0 and cfg.BLOCK_K <= MMA_META_AHEAD
 
 
 def _word_view(wt: _Weight, asm: bool) -> torch.Tensor:
@@ -784,9 +927,10 @@ def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top
     i = n2 // 2
     num_blocks = num_blocks or block_expert.numel()
     kwidth = mma_kwidth(x.device)
-    wt = _weight(w, 2, act, kwidth)
-    cfg = tuning.config("gate_up", i, k, wt.quant, num_tokens, bm, num_blocks, wt.group if wt.quant else None,
+    quant = isinstance(w, Quant4)
+    cfg = tuning.config("gate_up", i, k, quant, num_tokens, bm, num_blocks, w.group_size if quant else None,
                         x.device)
+    wt = _weight(w, 2, act, kwidth, cfg)
     _check_tile(wt, cfg)
     inter = _alloc(max(num_pairs, 1), i, dtype=x.dtype, device=x.device)
     in_scale, stride_ie, has_in_scale = _input_scale_args(w, x)
@@ -806,7 +950,7 @@ def gate_up(x, w, b, act: Activation, sorted_pairs, block_expert, num_pairs, top
         b.stride(0) if b is not None else 0, stride_ie, inter.stride(0), float(act.alpha), float(act.limit),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, GROUP_M=cfg.GROUP_M,
         QUANT=wt.quant, GROUP=wt.group, ACT=ACT[act.kind], HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale,
-        DOT_FP32=_dot_fp32(x, w), ASM=asm, GROUPED=_grouped(wt, cfg), FACTORED=cfg.FACTORED,
+        DOT_FP32=_dot_fp32(x, w), ASM=asm, GROUPED=wt.quant and _grouped(wt.group, cfg), FACTORED=cfg.FACTORED,
         EVEN_N=i % cfg.BLOCK_N == 0,
         EVEN_K=k % cfg.BLOCK_K == 0 and k_per_split % cfg.BLOCK_K == 0, KW=kwidth,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -819,9 +963,10 @@ def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, n
     e, n, k = w.shape
     num_blocks = num_blocks or block_expert.numel()
     kwidth = mma_kwidth(inter.device)
-    wt = _weight(w, 1, None, kwidth)
-    cfg = tuning.config("down", n, k, wt.quant, num_tokens, bm, num_blocks, wt.group if wt.quant else None,
+    quant = isinstance(w, Quant4)
+    cfg = tuning.config("down", n, k, quant, num_tokens, bm, num_blocks, w.group_size if quant else None,
                         inter.device)
+    wt = _weight(w, 1, None, kwidth, cfg)
     _check_tile(wt, cfg)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.SPLIT_K), cfg.BLOCK_K) * cfg.BLOCK_K
     split = triton.cdiv(k, k_per_split)
@@ -835,7 +980,7 @@ def down(inter, w, b, pair_weights, sorted_pairs, block_expert, num_pairs, bm, n
         b.stride(0) if b is not None else 0, stride_ie, part.stride(0), part.stride(1),
         BLOCK_M=bm, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, QUANT=wt.quant, GROUP=wt.group,
         HAS_BIAS=b is not None, HAS_IN_SCALE=has_in_scale, DOT_FP32=_dot_fp32(inter, w), ASM=asm,
-        GROUPED=_grouped(wt, cfg), FACTORED=cfg.FACTORED, EVEN_N=n % cfg.BLOCK_N == 0,
+        GROUPED=wt.quant and _grouped(wt.group, cfg), FACTORED=cfg.FACTORED, EVEN_N=n % cfg.BLOCK_N == 0,
         EVEN_K=k % cfg.BLOCK_K == 0 and k_per_split % cfg.BLOCK_K == 0, KW=kwidth,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
