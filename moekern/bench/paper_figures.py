@@ -96,7 +96,7 @@ def _cells(results: dict, columns: list[str]) -> list[str]:
 
 
 def _labels(columns: list[str]) -> list[str]:
-    from moekern.bench.report import TASK_LABELS
+    from moekern.report.tables import TASK_LABELS
 
     return ["Held-out PPL" if t == HELDOUT_PPL else TASK_LABELS.get(t, t) for t in columns]
 

@@ -1,6 +1,7 @@
 """`moekern compress MODEL --recipe R --out DIR`: compress a model by a recipe and write the checkpoint (with its
 tokenizer) and its report (markdown, JSON, plots) into DIR."""
 
+import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -28,8 +29,15 @@ class CompressSettings:
     trust_remote_code: bool = False
 
 
+class _StepsHelp(argparse.HelpFormatter):
+    """Wraps the description as usual and keeps a text of several lines (the steps' help) as it is laid out."""
+
+    def _fill_text(self, text, width, indent):
+        return text if "\n" in text else super()._fill_text(text, width, indent)
+
+
 def add_parser(sub) -> None:
-    from moekern.compress.steps import syntax
+    from moekern.compress.steps import help_text, syntax
 
     compress = sub.add_parser(
         "compress",
@@ -38,8 +46,9 @@ def add_parser(sub) -> None:
         "Calibration data is read from --calib (a local .txt, .jsonl, .json (.gz, .zst), .parquet, a folder saved "
         "by datasets, or c4:/pile:/alpaca:PATH) or, by default, from the shipped corpus. Writes the checkpoint "
         "(with its tokenizer) and compress_report.md/.json and plots into --out.",
-        epilog="Example: moekern compress shipped --recipe rtn4+layer-drop=2 --out shipped-rtn4-l2 "
-        "--samples 32 --seq-len 256",
+        epilog="The steps (a step's options follow it after ':', in any order):\n" + help_text() + "\n\n"
+        "Example: moekern compress shipped --recipe rtn4+layer-drop=2 --out shipped-rtn4-l2 --samples 32 --seq-len 256",
+        formatter_class=_StepsHelp,
     )
     compress.add_argument("model", help="local model folder, or 'shipped'")
     compress.add_argument("--recipe", required=True, help="the compression steps, e.g. awq4+block-drop=4")
