@@ -270,7 +270,8 @@ class Paper:
         moekern.patch(done.model)  # blocks swapped in by the compression run moekern's experts too
         recipe = done.recipe
         return done.model, {"variant": f"moekern+{recipe}", "label": paper_label(recipe, self.base.model),
-                            "recipe": str(recipe), "steps": done.steps, "reused": [_record(s) for s in done.shared],
+                            "recipe": str(recipe), "steps": done.steps, "reused": [str(s) for s in done.shared],
+                            "shared": [_record(s) for s in done.shared],
                             "compress_seconds": round(done.seconds, 2)}
 
     def _slimmed(self, root) -> None:
@@ -297,11 +298,11 @@ class Paper:
             flops = forward_flops_if_it_fits(model, args.context)
             self.writer.write("model", **base, recipe_text=text, flops=flops, flops_tokens=args.context,
                               decisions=getattr(model.config, "moekern", None), size=model_size(model),
-                              steps=info.get("steps"), reused=info.get("reused"),
+                              steps=info.get("steps"), reused=info.get("reused"), shared=info.get("shared"),
                               compress_seconds=info.get("compress_seconds"), **describe(model))
             print(f"[{index}] {label}: {human_bytes(describe(model)['weight_bytes'])} weights"
                   + (f", compressed in {info['compress_seconds']:.1f} s" if info.get("compress_seconds") else "")
-                  + (f" (reusing {'; '.join(map(reused_text, info['reused']))})" if info.get("reused") else ""),
+                  + (f" (reusing {'; '.join(info['reused'])})" if info.get("reused") else ""),
                   flush=True)
             stage = "speed"
             speeds = measure_batches(model, args.batch_sizes, args.context, args.decode_tokens, self.bandwidth,
@@ -373,13 +374,6 @@ def method_label(recipe, model) -> str:
 def _record(shared) -> dict:
     """A row's record of work it shared (moekern.compress.shared.Shared), seconds to the hundredth."""
     return {**vars(shared), "seconds": None if shared.seconds is None else round(shared.seconds, 2)}
-
-
-def reused_text(entry) -> str:
-    """A row's record of shared work ({"what", "of", "seconds"}; older runs wrote the sentence itself) as a sentence."""
-    from moekern.compress.shared import Shared
-
-    return entry if isinstance(entry, str) else str(Shared(**entry))
 
 
 def run_paper(settings: PaperSettings, argv: list[str] | None = None) -> int:

@@ -99,7 +99,8 @@ def build(records: list[dict], run: str | None = None) -> dict:
             "perplexity_tokens": entry["eval"].get(HELDOUT_PPL, {}).get("n"),
             "dropped": dropped(m.get("decisions")), "decisions": m.get("decisions"),
             "compress_seconds": m.get("compress_seconds"),
-            "reused": m.get("reused") or [],  # {"what", "of", "seconds"} each (moekern.compress.shared.Shared)
+            "reused": m.get("reused") or [],  # in words; `shared` says the same as {"what", "of", "seconds"}
+            "shared": m.get("shared") or [],
         }
         rows.append(row)
         speed += speed_rows(mine_speed, base_speed, model=row["model"], method=row["label"], label=row["label"],
@@ -117,11 +118,13 @@ def build(records: list[dict], run: str | None = None) -> dict:
     }
 
 
-def _shares(entry, what: str, of: str) -> bool:
-    """Whether a row's record of shared work says it took `what` ("model" or "statistics") `of` a step or model."""
-    if isinstance(entry, str):  # a run recorded before the records were structured wrote a sentence
-        return (f"statistics of the {of}" if what == "statistics" else f"the {of} model") in entry
-    return entry.get("what") == what and entry.get("of") == of
+def _shares(row: dict, what: str, of: str) -> bool:
+    """Whether a row took `what` ("model" or "statistics") made once `of` a step or model (its `shared` records;
+    a run recorded before they existed says so in words only, in `reused`)."""
+    if row.get("shared"):
+        return any(s["what"] == what and s["of"] == of for s in row["shared"])
+    text = f"statistics of the {of}" if what == "statistics" else f"the {of} model"
+    return any(text in u for u in row.get("reused") or [])
 
 
 def notes(settings: dict, rows: list[dict], steadiness: dict | None = None) -> list[str]:
@@ -195,12 +198,11 @@ def _settings_lines(content: dict) -> list[str]:
     ]
     reuse = []
     if content["stats"]:
-        sharing = [r["label"] for r in content["rows"] if any(_shares(u, "statistics", "uncompressed")
-                                                               for u in r["reused"])]
+        sharing = [r["label"] for r in content["rows"] if _shares(r, "statistics", "uncompressed")]
         reuse.append(f"one calibration pass on the uncompressed model ({content['stats']['seconds']} s) gave the "
                      f"figures below and the statistics of {len(sharing)} row(s)")
     for p in content["prefixes"]:
-        users = [r["label"] for r in content["rows"] if any(_shares(u, "model", p["step"]) for u in r["reused"])]
+        users = [r["label"] for r in content["rows"] if _shares(r, "model", p["step"])]
         reuse.append(f"`{p['step']}` ran once ({p['seconds']} s) for {len(users)} row(s)")
     if reuse:
         lines += ["", "Shared work (exact): " + "; ".join(reuse) + "."]
