@@ -26,7 +26,7 @@ def no_work(monkeypatch):
         raise AssertionError("the model was loaded before the output folder was checked")
 
     monkeypatch.setattr(cli, "load_from_args", loading)
-    from moekern.bench import cli as bench_cli
+    from moekern.bench import harness as bench_cli
 
     monkeypatch.setattr(bench_cli, "load_model", loading)
 

@@ -58,13 +58,13 @@ def test_the_options_parse_to_their_canonical_form(text, expected):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("awq4:act", "awq4 takes :g128, :g64, :g32, :autoawq, :attn, not :act"),
+    ("awq4:act", "awq4 takes :g128, :g64, :g32, :autoawq, not :act"),
     ("gptq4:autogptq:sym", "already means act-order"),
     ("expert-drop=2:global:layerwise", "choose one of :global or :layerwise"),
     ("expert-drop=2:topk:topk", "repeated"),
     ("enum-prune=4:every", "takes no option other than :all"),
     ("wanda=0.5:everything", "then optionally :shared"),
-    ("rtn4:sym", "rtn4 takes :g128, :g64, :g32, :attn, not :sym"),
+    ("rtn4:sym", "rtn4 takes :g128, :g64, :g32, not :sym"),
 ])
 def test_unknown_options_are_rejected(text, message):
     with pytest.raises(MoekernError, match=message):

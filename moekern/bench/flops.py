@@ -24,7 +24,7 @@ def forward_flops(model, tokens: int, batch: int = 1) -> int:
 
 def forward_flops_if_it_fits(model, tokens: int) -> int | None:
     """forward_flops, or None where that forward does not fit in memory (the caller records None and goes on)."""
-    from moekern.bench.presets import is_out_of_memory
+    from moekern.bench.memory import is_out_of_memory
 
     try:
         return forward_flops(model, tokens)

@@ -11,9 +11,9 @@ is appended to DIR/paper.jsonl as soon as it exists, so an interrupt loses nothi
 writes the report from what is there). At the end DIR/report.md and report.json (moekern.bench.paper_report) and the
 PNG plots are written from that file alone.
 
-Calibration is shared where that is exact:
+Calibration is shared where that is exact (moekern.compress.shared):
   - one pass on the uncompressed model gives the statistics of every recipe whose first step is a trimming step
-    (moekern.compress.recipe.run_recipe(base_stats=...)); the same pass records the layer-wise similarities (Fig. 4),
+    (moekern.compress(base_stats=...)); the same pass records the layer-wise similarities (Fig. 4),
     the block-wise similarity matrix (Fig. 7) and the drop patterns for every count (Figs. 10, 12);
   - a slimming step that comes first (order ST: awq4 in awq4+block-drop=2) runs once, and each recipe that starts with
     it continues from a copy of that model, with one calibration pass of the slimmed model for all of them.
@@ -24,13 +24,17 @@ that says so, and the next row goes on.
 import copy
 import gc
 import platform
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from moekern.bench.harness import DEFAULT_OUT
+from moekern.bench.paper_finetune import FINETUNE_BATCH, FINETUNE_LR, FINETUNE_RECIPES, FINETUNE_STEPS
+from moekern.cli.common import environment, machine, source_commit, with_device
+from moekern.compress.shared import BLOCK_MATRIX_TOKENS
 from moekern.errors import MoekernError
+
+__all__ = ["Paper", "PaperSettings", "run_paper", "method_label", "machine", "source_commit"]
 
 RECORDS = "paper.jsonl"
 DEFAULT_RECIPES = (
@@ -51,79 +55,53 @@ GPU_CALIBRATION = {"samples": 128, "seq_len": 2048}  # the paper's
 CPU_CALIBRATION = {"samples": 32, "seq_len": 256}
 
 
-def add_paper_command(sub) -> None:
-    from moekern.bench.cli import DEFAULT_OUT, batch_list
-    from moekern.cli import BLOCK_MATRIX_TOKENS, add_loading_args, positive_int
+@dataclass(frozen=True)
+class PaperSettings:
+    """What `moekern paper` runs; None where the device decides (GPU_SPEED or CPU_SPEED, GPU_ or CPU_CALIBRATION)."""
 
-    paper = sub.add_parser(
-        "paper",
-        help="the paper's comparison on one model: every recipe compressed once, then perplexity, lm-eval tasks, "
-        "speed, FLOPs and memory; one report with tables and figures",
-        description="Compress MODEL (default: the shipped model) by each recipe once and measure each: held-out "
-        "perplexity, the offline lm-eval tasks, FLOPs, weight bytes and speed per batch size against transformers' "
-        "own model in the same process. Results are appended to DIR/" + RECORDS + " as they are made; DIR/report.md "
-        "(the paper table with held-out perplexity, the shape of the paper's Table 3, the similarity figures and "
-        "drop patterns), report.json and PNG plots are written at the end. Defaults: on a GPU the paper's settings "
-        "(context 2048, batch 1..64, 64 decode tokens, calibration 128 x 2048); on the CPU context 256, batch 1 "
-        "and 4, 16 decode tokens, calibration 32 x 256.",
-        epilog="Example: moekern paper --out moekern-runs/paper   (about 2.5 minutes on 2 CPU cores)",
-    )
-    paper.add_argument("model", nargs="?", default="shipped", help="local model folder, or 'shipped' (default)")
-    paper.add_argument("--out", type=Path, default=DEFAULT_OUT / "paper", metavar="DIR",
-                       help="run folder (default: %(default)s)")
-    paper.add_argument("--recipes", type=lambda s: [r.strip() for r in s.split(",") if r.strip()],
-                       default=list(DEFAULT_RECIPES),
-                       help="comma-separated recipes, one row each after the baseline; 'none' is moekern without "
-                       "compression (default: " + ",".join(DEFAULT_RECIPES) + ")")
-    paper.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=list(DEFAULT_TASKS),
-                       help="lm-eval tasks besides the held-out perplexity (default: moekern_heldout_mc; the paper's "
-                       "eight need --data-dir)")
-    paper.add_argument("--limit", type=positive_int, default=None,
-                       help="examples per task and perplexity windows of 256 tokens (default: all)")
-    paper.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
-                       help="where the paper's tasks' datasets are: a datasets cache folder, or files "
-                       "DIR/<task>/<split>.jsonl (see moekern eval)")
-    paper.add_argument("--calib", default=None, metavar="PATH",
-                       help="calibration corpus (default: the shipped training corpus)")
-    paper.add_argument("--samples", type=positive_int, default=None, help="calibration blocks (default: see above)")
-    paper.add_argument("--seq-len", type=positive_int, default=None, help="tokens per calibration block")
-    paper.add_argument("--seed", type=int, default=0, help="seed of the choice of calibration blocks (default: 0)")
-    paper.add_argument("--order", type=str.upper, choices=("ST", "TS"), default="ST",
-                       help="ST: slimming then trimming (default, as in the paper); TS: trimming first")
-    paper.add_argument("--allow-fewer-experts", action="store_true",
-                       help="let Expert Drop leave fewer experts than top_k in a layer")
-    paper.add_argument("--matrix-tokens", type=positive_int, default=BLOCK_MATRIX_TOKENS,
-                       help="calibration tokens behind the block-wise similarity matrix (default: %(default)s)")
-    paper.add_argument("--context", type=positive_int, default=None, help="prompt tokens of the speed runs")
-    paper.add_argument("--batch-sizes", type=batch_list, default=None, help="comma-separated batch sizes")
-    paper.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed")
-    paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
-    add_loading_args(paper)
-    from moekern.bench.paper_extras import add_arguments
-    from moekern.bench.paper_finetune import add_finetune_args
+    model: str = "shipped"
+    out: Path = DEFAULT_OUT / "paper"
+    recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))  # one row each after the baseline
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # lm-eval tasks besides held-out ppl
+    limit: int | None = None  # examples per task and perplexity windows of 256 tokens
+    data_dir: Path | None = None  # where the paper's tasks' datasets are
+    calib: str | None = None  # calibration corpus (None: the shipped training corpus)
+    samples: int | None = None  # calibration blocks
+    seq_len: int | None = None  # tokens per calibration block
+    seed: int = 0
+    order: str = "ST"
+    allow_fewer_experts: bool = False
+    matrix_tokens: int = BLOCK_MATRIX_TOKENS  # calibration tokens behind the block-wise similarity matrix
+    context: int | None = None  # prompt tokens of the speed runs
+    batch_sizes: list[int] | None = None
+    decode_tokens: int | None = None
+    eval_batch_size: int = 8
+    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+    device: str | None = None
+    trust_remote_code: bool = False
+    figures: list[str] = field(default_factory=list)  # moekern.bench.paper_extras
+    tables: list[str] = field(default_factory=list)
+    calib2: str | None = None
+    finetune_steps: int = FINETUNE_STEPS  # moekern.bench.paper_finetune (0 leaves the section out)
+    finetune_lr: float = FINETUNE_LR
+    finetune_batch: int = FINETUNE_BATCH
+    finetune_recipes: list[str] = field(default_factory=lambda: list(FINETUNE_RECIPES))
+    finetune_data: str | None = None
 
-    add_arguments(paper)  # --figures, --tables, --calib2: the paper's artefacts that need many more models
-    add_finetune_args(paper)
-    paper.set_defaults(run=run_paper, dtype=None, writes="runs")
-    next(a for a in paper._actions if a.dest == "dtype").help = "weights' dtype (default: bfloat16 on a GPU, " \
-        "float32 on the CPU)"
-
-
-@dataclass
-class Root:
-    """A model the rows start from (copied, never measured itself): the uncompressed patched model, or it after a
-    slimming step; with its calibration statistics by record_tokens, measured once when first needed."""
-
-    model: object
-    name: str
-    steps: list = field(default_factory=list)  # the log of the step that made it
-    seconds: float = 0.0
-    stats: dict = field(default_factory=dict)
+    def for_device(self) -> "PaperSettings":
+        """These settings with the device, the dtype, and the speed and calibration sizes resolved."""
+        s = with_device(self)
+        gpu = s.device.startswith("cuda")
+        speed = GPU_SPEED if gpu else CPU_SPEED
+        calib = GPU_CALIBRATION if gpu else CPU_CALIBRATION
+        return replace(s, context=s.context or speed["context"], batch_sizes=s.batch_sizes or speed["batch_sizes"],
+                       decode_tokens=s.decode_tokens or speed["decode_tokens"], samples=s.samples or calib["samples"],
+                       seq_len=s.seq_len or calib["seq_len"])
 
 
 class Paper:
-    def __init__(self, args, argv: list[str]):
-        self.args, self.argv = args, argv
+    def __init__(self, settings: PaperSettings, argv: list[str]):
+        self.args, self.argv = settings, argv  # (`args`: what extras and fine-tuning read the settings as)
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -131,7 +109,7 @@ class Paper:
         import torch
 
         from moekern.bench.bandwidth import copy_bandwidth
-        from moekern.bench.cli import _environment, load_model
+        from moekern.bench.harness import load_model
         from moekern.bench.records import RecordWriter
         from moekern.eval.harness import HELDOUT_PPL, check_tasks
 
@@ -140,18 +118,12 @@ class Paper:
         check_tasks([*self.tasks, HELDOUT_PPL])
         if args.data_dir is not None and not args.data_dir.is_dir():
             raise MoekernError(f"--data-dir {str(args.data_dir)!r} is not a folder")
+        self.args = args = args.for_device()
         model, tokenizer, origin = load_model(args)
         if tokenizer is None:
             raise MoekernError(f"{args.model!r} is a preset with random weights and no tokenizer: give a model "
                                f"folder (or 'shipped')")
         gpu = args.device.startswith("cuda")
-        speed = GPU_SPEED if gpu else CPU_SPEED
-        calib = GPU_CALIBRATION if gpu else CPU_CALIBRATION
-        args.context = args.context or speed["context"]
-        args.batch_sizes = args.batch_sizes or speed["batch_sizes"]
-        args.decode_tokens = args.decode_tokens or speed["decode_tokens"]
-        args.samples = args.samples or calib["samples"]
-        args.seq_len = args.seq_len or calib["seq_len"]
         from moekern.arguments import check_positions
 
         check_positions(model.config, args.context + args.decode_tokens, "--context + --decode-tokens")
@@ -179,7 +151,7 @@ class Paper:
                          "seq_len": int(self.calibration.shape[1]), "seed": args.seed},
             order=args.order, recipes=args.recipes, matrix_tokens=args.matrix_tokens,
             copy_bandwidth_bytes_s=self.bandwidth, commit=source_commit(), python=platform.python_version(),
-            threads=torch.get_num_threads(), machine=machine(), **_environment(args.device))
+            threads=torch.get_num_threads(), machine=machine(), **environment(args.device))
         print(f"moekern paper: {self.model_name} on {args.device} ({args.dtype}); calibration "
               f"{self.calibration.shape[0]} x {self.calibration.shape[1]} tokens; speed at context {args.context}, "
               f"batch {','.join(map(str, args.batch_sizes))}, {args.decode_tokens} decode tokens -> "
@@ -212,7 +184,7 @@ class Paper:
 
         from moekern.bench.speed import prefill_and_decode
 
-        from moekern.bench.presets import is_out_of_memory
+        from moekern.bench.memory import is_out_of_memory
 
         try:  # once at the full size before anything is timed: the first large forward pays for allocations
             prefill_and_decode(model, max(self.args.batch_sizes), self.args.context, 2)
@@ -222,19 +194,23 @@ class Paper:
         moekern.unpatch(model)  # a remote-code model moekern adopted at load (DeepSeek-MoE): its own blocks again
         self._measure_row(0, "Baseline (transformers)", None, model, {"variant": "transformers", "steps": []})
         moekern.patch(model)  # from here on the rows run moekern's path; the baseline is not needed again
-        self.base = Root(model, "uncompressed")
+        from moekern.compress.shared import SharedCompression
+
+        self.shared = SharedCompression(model, self.calibration, order=self.args.order,
+                                        allow_fewer=self.args.allow_fewer_experts, seed=self.args.seed)
+        self.shared.on_slimmed = self._slimmed
+        self.base = self.shared.base
         try:
             self._base_stats()
         except Exception as exc:  # noqa: BLE001 - the figures are missing; each row calibrates for itself
             print(f"calibration pass on the uncompressed model failed: {type(exc).__name__}: {exc}", flush=True)
-        self.slimmed: dict[str, Root] = {}
         prefixes = [slimming_prefix(text, self.args.order) for text in self.args.recipes]
         from moekern.bench.paper_finetune import FinetuneSection
 
         finetuning = FinetuneSection(self)  # Section 8: some rows fine-tuned after they are measured
         for index, text in enumerate(self.args.recipes, start=1):
-            for name in [n for n in self.slimmed if n not in prefixes[index - 1:]]:
-                del self.slimmed[name]  # no row left starts with it
+            self.shared.keep_slimmed(prefixes[index - 1:])  # free those no row left starts with
+            self.row = index
             started = time.perf_counter()
             try:
                 row_model, info = self._compress(text, index)
@@ -277,65 +253,31 @@ class Paper:
         print(f"calibration pass on the uncompressed model: {time.perf_counter() - started:.1f} s "
               f"(shared by every recipe that trims first)", flush=True)
 
-    def _stats(self, root: Root, record_tokens: bool, block_tokens: int = 0):
-        from moekern.compress.stats import measure
-
-        if record_tokens not in root.stats:
-            root.stats[record_tokens] = measure(root.model, self.calibration, record_tokens=record_tokens,
-                                                seed=self.args.seed, block_tokens=block_tokens)
-        return root.stats[record_tokens]
+    def _stats(self, root, record_tokens: bool, block_tokens: int = 0):
+        return self.shared.stats(root, {"record_tokens": record_tokens, "enumerate_keep": 0}, block_tokens)
 
     # ------------------------------------------------------------------------------------------------------------
     def _compress(self, text: str, index: int):
-        """A copy of the right root, compressed by the rest of the recipe; (model, facts about how)."""
+        """A copy of the right root, compressed by the rest of the recipe (moekern.compress.shared); (model, facts
+        about how)."""
         import moekern
-        from moekern import surgery
-        from moekern.compress.recipe import EnumPrune, Recipe, check_recipe, run_recipe
+        from moekern.compress.recipe import paper_label
 
         if text.lower() in ("none", "-", "moekern"):
             model = copy.deepcopy(self.base.model)
             return model, {"variant": "moekern", "label": "moekern, uncompressed", "steps": [], "reused": []}
-        recipe = Recipe.parse(text)
-        check_recipe(recipe, self.base.model, self.args.allow_fewer_experts)
-        ordered = recipe.ordered(self.args.order)
-        root, rest, reused = self.base, ordered, []
-        if ordered[0].slimming:
-            root = self._slimmed(ordered[0], index)
-            rest = ordered[1:]
-            reused.append(f"the {root.name} model (made once, {root.seconds:.1f} s)")
-        started = time.perf_counter()
-        model = copy.deepcopy(root.model)
-        steps = list(root.steps)
-        if rest:
-            first = rest[0]
-            base_stats = None
-            if not first.slimming:
-                base_stats = self._stats(root, isinstance(first, EnumPrune))
-                reused.append(f"the calibration statistics of the {root.name} model")
-            result = run_recipe(model, Recipe(tuple(rest)), self.calibration, self.args.order, inplace=True,
-                                allow_fewer=self.args.allow_fewer_experts, seed=self.args.seed,
-                                base_stats=base_stats)
-            model, steps = result.model, steps + result.steps
-        d = surgery.decisions(model)
-        d["recipe"], d["recipe_order"] = str(recipe), self.args.order
-        moekern.patch(model)  # blocks swapped in by the compression run moekern's experts too
-        return model, {"variant": f"moekern+{recipe}", "label": method_label(recipe, self.base.model),
-                       "recipe": str(recipe), "steps": steps, "reused": reused,
-                       "compress_seconds": round(time.perf_counter() - started, 2)}
+        done = self.shared.compress(text)
+        moekern.patch(done.model)  # blocks swapped in by the compression run moekern's experts too
+        recipe = done.recipe
+        return done.model, {"variant": f"moekern+{recipe}", "label": paper_label(recipe, self.base.model),
+                            "recipe": str(recipe), "steps": done.steps, "reused": [str(s) for s in done.shared],
+                            "shared": [_record(s) for s in done.shared],
+                            "compress_seconds": round(done.seconds, 2)}
 
-    def _slimmed(self, step, index: int) -> Root:
-        from moekern.compress.recipe import Recipe, run_recipe
-
-        name = str(step)
-        if name not in self.slimmed:
-            started = time.perf_counter()
-            model = copy.deepcopy(self.base.model)
-            result = run_recipe(model, Recipe((step,)), self.calibration, inplace=True, seed=self.args.seed)
-            seconds = time.perf_counter() - started
-            self.slimmed[name] = Root(result.model, name, result.steps, seconds)
-            self.writer.write("prefix", row=index, step=name, seconds=round(seconds, 2), steps=result.steps)
-            print(f"{name}: made once in {seconds:.1f} s for every recipe that starts with it", flush=True)
-        return self.slimmed[name]
+    def _slimmed(self, root) -> None:
+        """A slimming step made once for every recipe that starts with it: recorded as a prefix."""
+        self.writer.write("prefix", row=self.row, step=root.name, seconds=round(root.seconds, 2), steps=root.steps)
+        print(f"{root.name}: made once in {root.seconds:.1f} s for every recipe that starts with it", flush=True)
 
     # ------------------------------------------------------------------------------------------------------------
     def _measure_row(self, index: int, label: str, text, model, info: dict, started: float | None = None) -> None:
@@ -356,11 +298,12 @@ class Paper:
             flops = forward_flops_if_it_fits(model, args.context)
             self.writer.write("model", **base, recipe_text=text, flops=flops, flops_tokens=args.context,
                               decisions=getattr(model.config, "moekern", None), size=model_size(model),
-                              steps=info.get("steps"), reused=info.get("reused"),
+                              steps=info.get("steps"), reused=info.get("reused"), shared=info.get("shared"),
                               compress_seconds=info.get("compress_seconds"), **describe(model))
             print(f"[{index}] {label}: {human_bytes(describe(model)['weight_bytes'])} weights"
                   + (f", compressed in {info['compress_seconds']:.1f} s" if info.get("compress_seconds") else "")
-                  + (f" (reusing {'; '.join(info['reused'])})" if info.get("reused") else ""), flush=True)
+                  + (f" (reusing {'; '.join(info['reused'])})" if info.get("reused") else ""),
+                  flush=True)
             stage = "speed"
             speeds = measure_batches(model, args.batch_sizes, args.context, args.decode_tokens, self.bandwidth,
                                      lambda record: self.writer.write("speed", **base, **record))
@@ -385,7 +328,7 @@ class Paper:
     def _failed(self, index, text, exc, started, stage, label=None) -> None:
         import torch
 
-        from moekern.bench.presets import is_out_of_memory
+        from moekern.bench.memory import is_out_of_memory
 
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if is_out_of_memory(exc):
@@ -422,53 +365,17 @@ def quiet_evaluation() -> None:
 
 
 def method_label(recipe, model) -> str:
-    """The paper's way of naming a row: '+ E2/8', '+ L2/8 w/ AWQ', 'w/ RTN', ..."""
-    from moekern import surgery
-    from moekern.compress.recipe import (BlockDrop, EnumPrune, ExpertDrop, LayerDrop, Prune, Quantize, Skip)
+    """The paper's way of naming a row (moekern.compress.recipe.paper_label, which each step's label makes)."""
+    from moekern.compress.recipe import paper_label
 
-    d = surgery.decisions(model)
-    layers, experts, moe = d["original_num_hidden_layers"], d["original_num_experts"], len(surgery.moe_layer_ids(model))
-    trims, slims = [], []
-    for step in recipe.steps:
-        if isinstance(step, Quantize):
-            slims.append(f"w/ {step.method.upper()}" + ("" if step.group_size == 128 else f" g{step.group_size}")
-                         + (" + attention" if step.attention else ""))
-        elif isinstance(step, Prune):
-            name = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}[step.method]
-            slims.append(f"w/ {name} " + (f"{step.n}:{step.m}" if step.n else f"{step.sparsity:.0%}"))
-        elif isinstance(step, ExpertDrop):
-            trims.append(f"E{step.n}/{experts}" + (" layer-wise" if step.mode == "layerwise" else ""))
-        elif isinstance(step, LayerDrop):
-            trims.append(f"L{step.n}/{moe}" + (" iterative" if step.iterative else ""))
-        elif isinstance(step, BlockDrop):
-            trims.append(f"B{step.n}/{layers}" + (" iterative" if step.iterative else ""))
-        elif isinstance(step, EnumPrune):
-            trims.append(f"keep {step.keep}/{experts} (enumeration)")
-        elif isinstance(step, Skip):
-            trims.append("skip (beta " + ("median" if step.quantile == 0.5 else f"q{step.quantile}") + ")")
-    return " ".join([*(f"+ {t}" for t in trims), *slims])
+    return paper_label(recipe, model)
 
 
-def source_commit() -> str | None:
-    """The git commit of moekern's source tree ('+ uncommitted' when it has changes), or None outside a checkout."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + (" + uncommitted" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+def _record(shared) -> dict:
+    """A row's record of work it shared (moekern.compress.shared.Shared), seconds to the hundredth."""
+    return {**vars(shared), "seconds": None if shared.seconds is None else round(shared.seconds, 2)}
 
 
-def machine() -> str:
-    import os
-
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
-
-
-def run_paper(args) -> int:
-    return Paper(args, ["moekern", *getattr(args, "argv", sys.argv[1:])]).run()
+def run_paper(settings: PaperSettings, argv: list[str] | None = None) -> int:
+    """The paper's comparison by `settings`; `argv`, the command as typed, goes into the records."""
+    return Paper(settings, argv or ["moekern", "paper"]).run()

@@ -87,7 +87,11 @@ class Extras:
         self.paper, self.args = paper, paper.args
         self.base = paper.base.model
         self.stats = paper._stats(paper.base, record_tokens=False)
-        self.slimmed = {}  # slimming step -> the model it made, shared by the table rows that start with it
+        from moekern.compress.shared import SharedCompression
+
+        # a slimming step that comes first is made once for every table row that starts with it
+        self.shared = SharedCompression(self.base, paper.calibration, allow_fewer=self.args.allow_fewer_experts,
+                                        seed=self.args.seed, share_stats=False)
 
     # ------------------------------------------------------------------------------------------------------------
     def evaluate(self, model) -> dict:
@@ -211,27 +215,9 @@ class Extras:
             print(f"  {label}: {scores}", flush=True)
 
     def _compress(self, text: str, order: str):
-        """A copy of the uncompressed model compressed by the recipe; a slimming step that comes first is made once
-        for every row that starts with it (the same model a fresh run would make: it only depends on the step)."""
-        from moekern.compress.recipe import Recipe, run_recipe
-
-        recipe = Recipe.parse(text)
-        steps = recipe.ordered(order)
-        options = dict(allow_fewer=self.args.allow_fewer_experts, seed=self.args.seed)
-        if not steps[0].slimming:
-            return run_recipe(self.base, recipe, self.paper.calibration, order, **options).model
-        key = str(steps[0])
-        if key not in self.slimmed:
-            self.slimmed[key] = run_recipe(self.base, Recipe(steps[:1]), self.paper.calibration, **options).model
-        model = copy.deepcopy(self.slimmed[key])
-        if len(steps) > 1:
-            model = run_recipe(model, Recipe(tuple(steps[1:])), self.paper.calibration, order, inplace=True,
-                               **options).model
-        from moekern import surgery
-
-        d = surgery.decisions(model)
-        d["recipe"], d["recipe_order"] = str(recipe), order
-        return model
+        """A copy of the uncompressed model compressed by the recipe (moekern.compress.shared: a slimming step that
+        comes first is the same model a fresh run would make, since it only depends on the step)."""
+        return self.shared.compress(text, order).model
 
     def _has_shared_experts(self) -> bool:
         from moekern import surgery

@@ -11,7 +11,8 @@ and the markdown of Tables 5-8.
 
 from pathlib import Path
 
-from moekern.bench.report import _fmt, _save
+from moekern.report.plots import pyplot, save
+from moekern.report.tables import fmt
 from moekern.eval.harness import HELDOUT_MC, HELDOUT_PPL
 
 PNG = {"scores": "score_distribution.png", "sweeps": "drop_accuracy.png", "robustness": "robustness.png"}
@@ -90,12 +91,12 @@ def _columns(content: dict) -> list[str]:
 
 
 def _cells(results: dict, columns: list[str]) -> list[str]:
-    return [_fmt(results.get(t), ".2f") if t == HELDOUT_PPL else _fmt(results.get(t) and 100 * results[t], ".1f")
+    return [fmt(results.get(t), ".2f") if t == HELDOUT_PPL else fmt(results.get(t) and 100 * results[t], ".1f")
             for t in columns]
 
 
 def _labels(columns: list[str]) -> list[str]:
-    from moekern.bench.report import TASK_LABELS
+    from moekern.report.tables import TASK_LABELS
 
     return ["Held-out PPL" if t == HELDOUT_PPL else TASK_LABELS.get(t, t) for t in columns]
 
@@ -131,7 +132,7 @@ def robustness_lines(content: dict) -> list[str]:
     agree = r["agreement"]
     counts = sorted({int(n) for m in agree.values() for n in m})
     for n in counts:
-        cells = [_fmt(agree.get(m, {}).get(str(n), agree.get(m, {}).get(n)), ".0%") for m in
+        cells = [fmt(agree.get(m, {}).get(str(n), agree.get(m, {}).get(n)), ".0%") for m in
                  ("layer_drop", "block_drop", "expert_drop")]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
@@ -154,7 +155,7 @@ def table_lines(content: dict, table: str) -> list[str]:
                          + " |" * len(columns) + " |")
             continue
         ppl, base_ppl = r["results"].get(HELDOUT_PPL), base.get(HELDOUT_PPL)
-        change = _fmt(ppl / base_ppl - 1 if ppl and base_ppl else None, "+.1%")
+        change = fmt(ppl / base_ppl - 1 if ppl and base_ppl else None, "+.1%")
         lines.append(f"| {r['label']} | `{r['recipe']}` | {r['order']} | {human_bytes(r['size']['state_bytes'])} | "
                      + " | ".join(_cells(r["results"], columns)) + f" | {change} |")
     return lines
@@ -162,9 +163,6 @@ def table_lines(content: dict, table: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 def plot(content: dict, out: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
     plots = {}
     stats = content.get("stats")
     if stats and any(v.get("expert_scores") for v in stats["layers"].values()):
@@ -180,7 +178,7 @@ def plot(content: dict, out: Path) -> dict:
 def plot_score_distribution(stats: dict, path: Path) -> Path:
     """Fig. 11: per layer, the normalised scores as dots coloured by the smallest global Expert Drop count that
     removes them (grey: none of the counts), with the pooled histogram beside."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = {int(i): v["expert_scores"] for i, v in stats["layers"].items() if v.get("expert_scores")}
     sweeps = (stats.get("sweeps") or {}).get("expert_drop") or {}
@@ -220,11 +218,11 @@ def plot_score_distribution(stats: dict, path: Path) -> Path:
     right.legend(fontsize=7)
     fig.suptitle("Distribution of expert importance scores (Fig. 11)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_sweeps(content: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sweeps = content["extras"]["sweeps"]
     tasks = list(content["tasks"])  # only what was run: a perplexity-only run (--tasks moekern_heldout_ppl) has one row
@@ -256,11 +254,11 @@ def plot_sweeps(content: dict, path: Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(f"{content['settings']['model']}: accuracy against the number dropped (Figs. 3, 5, 6, 13-15)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_robustness(robustness: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     # 1 - cosine on a log scale: the first layer's similarity is far below the others', which a linear axis flattens
@@ -294,4 +292,4 @@ def plot_robustness(robustness: dict, path: Path) -> Path:
     axes[2].legend(fontsize=7)
     fig.suptitle("Robustness of the similarities and drop decisions to the calibration data (Fig. 9)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)

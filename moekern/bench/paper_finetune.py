@@ -88,7 +88,7 @@ class FinetuneSection:
               f"({record['seconds']:.0f} s)", flush=True)
 
     def _run(self, text: str, model) -> dict:
-        from moekern.compress.recipe import Recipe
+        from moekern.compress.recipe import Quantize, Recipe
         from moekern.finetune import LoraSpec
         from moekern.finetune.run import finetune
 
@@ -100,7 +100,7 @@ class FinetuneSection:
         tokenizer, data = self.paper.tokenizer, self.args.finetune_data
         if slimming and rest in self.tuned:
             return self._quantize_tuned(text, slimming, rest, model, budget)
-        lora = LoraSpec() if slimming and slimming[0].__class__.__name__ == "Quantize" else None
+        lora = LoraSpec() if slimming and isinstance(slimming[0], Quantize) else None
         result = finetune(model, data, None, self.config(lora), tokenizer=tokenizer, inplace=True, progress=False)
         report = result.report
         if not slimming and text in _continued_from(self.args.finetune_recipes, self.args.order):
@@ -116,7 +116,7 @@ class FinetuneSection:
         """Trim, fine-tune, quantize: the fine-tuned `rest` model, quantized by the recipe's slimming step."""
         import moekern
         from moekern import surgery
-        from moekern.compress.recipe import Recipe, run_recipe
+        from moekern.compress.recipe import Recipe, compress
         from moekern.eval.perplexity import mean_nll
         from moekern.finetune.data import heldout_windows
         from moekern.finetune.run import default_seq_len
@@ -126,7 +126,7 @@ class FinetuneSection:
         windows, _ = heldout_windows(self.paper.tokenizer, None, seq_len, self.config().eval_tokens)
         before = math.exp(mean_nll(model, windows))
         quantized = copy.deepcopy(tuned)
-        run_recipe(quantized, Recipe(tuple(slimming)), self.paper.calibration, inplace=True, seed=self.args.seed)
+        compress(quantized, Recipe(tuple(slimming)), self.paper.calibration, inplace=True, seed=self.args.seed)
         surgery.decisions(quantized)["recipe"] = text
         moekern.patch(quantized)
         after = math.exp(mean_nll(quantized, windows))

@@ -20,8 +20,11 @@ from pathlib import Path
 
 from moekern.bench import paper_figures
 from moekern.bench.records import read_records
-from moekern.bench.report import (TASK_LABELS, _dropped, _fmt, _relative, _save, annotate, speed_lines,
-                                  table3_lines)
+from moekern.bench.report import table3_lines
+from moekern.bench.variants import UNCOMPRESSED
+from moekern.report.plots import annotate, pyplot, save
+from moekern.report.speed import dropped, relative, speed_lines, speed_rows, speedups
+from moekern.report.tables import TASK_LABELS, fmt, header
 from moekern.eval.harness import HELDOUT_PPL, PAPER_TASKS
 from moekern.model_info import human_bytes, human_count
 
@@ -75,9 +78,7 @@ def build(records: list[dict], run: str | None = None) -> dict:
         m, status = entry["model"] or {}, entry["row"] or {}
         head = m or status
         mine_speed = {s["batch"]: s for s in entry["speed"]}
-        both = sorted(b for b, s in mine_speed.items()
-                      if s["status"] == "ok" and base_speed.get(b, {}).get("status") == "ok")
-        at = both[-1] if both else None
+        decode_speedup, prefill_speedup, at = speedups(mine_speed, base_speed)
         acc = {t: entry["eval"][t]["value"] for t in tasks if t in entry["eval"]}
         size = m.get("size") or {}
         error = status.get("error")
@@ -88,9 +89,7 @@ def build(records: list[dict], run: str | None = None) -> dict:
             "recipe": head.get("recipe"), "run": run,
             "status": status.get("status") or ("interrupted" if m else "error"),
             "error": error, "stage": status.get("stage"), "seconds": status.get("seconds"),
-            "decode_speedup": (base_speed[at]["decode_step_median_s"] / mine_speed[at]["decode_step_median_s"]
-                               if at else None),
-            "prefill_speedup": base_speed[at]["prefill_s"] / mine_speed[at]["prefill_s"] if at else None,
+            "decode_speedup": decode_speedup, "prefill_speedup": prefill_speedup,
             "speedup_batch": at, "context": settings["context"],
             "flops": m.get("flops"), "flops_tokens": m.get("flops_tokens"), "weight_bytes": m.get("weight_bytes"),
             "parameters": size.get("parameters"),
@@ -98,22 +97,15 @@ def build(records: list[dict], run: str | None = None) -> dict:
             "accuracy": acc, "average": statistics.mean(acc.values()) if acc else None,
             "perplexity": entry["eval"].get(HELDOUT_PPL, {}).get("value"),
             "perplexity_tokens": entry["eval"].get(HELDOUT_PPL, {}).get("n"),
-            "dropped": _dropped(m.get("decisions")), "decisions": m.get("decisions"),
-            "compress_seconds": m.get("compress_seconds"), "reused": m.get("reused") or [],
+            "dropped": dropped(m.get("decisions")), "decisions": m.get("decisions"),
+            "compress_seconds": m.get("compress_seconds"),
+            "reused": m.get("reused") or [],  # in words; `shared` says the same as {"what", "of", "seconds"}
+            "shared": m.get("shared") or [],
         }
         rows.append(row)
-        for batch, s in sorted(mine_speed.items()):
-            b = base_speed.get(batch, {})
-            speed.append({
-                "model": row["model"], "method": row["label"], "label": row["label"], "variant": row["method"],
-                "run": run, "batch": batch,
-                "status": s["status"], "context": s["context"],
-                **({k: s[k] for k in ("prefill_tok_s", "decode_step_median_s", "decode_tok_s", "peak_memory_bytes",
-                                      "floor_step_s", "times_floor", "kv_cache_bytes")} if s["status"] == "ok" else {}),
-                "decode_speedup": (b["decode_step_median_s"] / s["decode_step_median_s"]
-                                   if s["status"] == "ok" and b.get("status") == "ok" else None),
-            })
-    _relative(rows)  # against the first uncompressed row with accuracy: the baseline
+        speed += speed_rows(mine_speed, base_speed, model=row["model"], method=row["label"], label=row["label"],
+                            variant=row["method"], run=run)
+    relative(rows, UNCOMPRESSED)  # against the first uncompressed row with accuracy: the baseline
     base_ppl = rows[0]["perplexity"] if rows and rows[0]["row"] == 0 else None
     for row in rows:
         row["perplexity_change"] = (row["perplexity"] / base_ppl - 1) if row["perplexity"] and base_ppl else None
@@ -124,6 +116,15 @@ def build(records: list[dict], run: str | None = None) -> dict:
         "stats": None if stats is None else {k: v for k, v in stats.items() if k not in ("kind", "run")},
         "steadiness": steadiness, "notes": notes(settings, rows, steadiness), "extras": paper_figures.build(mine),
     }
+
+
+def _shares(row: dict, what: str, of: str) -> bool:
+    """Whether a row took `what` ("model" or "statistics") made once `of` a step or model (its `shared` records;
+    a run recorded before they existed says so in words only, in `reused`)."""
+    if row.get("shared"):
+        return any(s["what"] == what and s["of"] == of for s in row["shared"])
+    text = f"statistics of the {of}" if what == "statistics" else f"the {of} model"
+    return any(text in u for u in row.get("reused") or [])
 
 
 def notes(settings: dict, rows: list[dict], steadiness: dict | None = None) -> list[str]:
@@ -158,19 +159,19 @@ def paper_table_lines(content: dict) -> list[str]:
     tasks = content["tasks"]
     head = ["Method", "Recipe", "Parameters", "Removed", "Weights", "Held-out PPL", "vs baseline",
             *(TASK_LABELS.get(t, t) for t in tasks)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = header(head)
     for r in content["rows"]:
         recipe = f"`{r['recipe']}`" if r["recipe"] not in (None, "none") else "-"
         if r["status"] == "error" and r["weight_bytes"] is None:
             lines.append(f"| {r['label']} | {recipe} | failed ({r['stage']}): {r['error']} |" + " |" * (len(head) - 3))
             continue
         cells = [r["label"], recipe, "—" if r["parameters"] is None else human_count(r["parameters"]),
-                 _fmt(r["removed"] and 100 * r["removed"], ".1f", "%") if r["removed"] is not None else "—",
+                 fmt(r["removed"] and 100 * r["removed"], ".1f", "%") if r["removed"] is not None else "—",
                  "—" if r["weight_bytes"] is None else human_bytes(r["weight_bytes"]),
-                 _fmt(r["perplexity"], ".2f"),
-                 _fmt(r["perplexity_change"] and 100 * r["perplexity_change"], "+.1f", "%")
+                 fmt(r["perplexity"], ".2f"),
+                 fmt(r["perplexity_change"] and 100 * r["perplexity_change"], "+.1f", "%")
                  if r["row"] else "—",
-                 *(_fmt(r["accuracy"].get(t) and 100 * r["accuracy"][t], ".1f") for t in tasks)]
+                 *(fmt(r["accuracy"].get(t) and 100 * r["accuracy"][t], ".1f") for t in tasks)]
         if r["status"] == "error":
             cells[0] += f" (failed at {r['stage']}: {r['error']})"
         elif r["status"] == "interrupted":
@@ -197,11 +198,11 @@ def _settings_lines(content: dict) -> list[str]:
     ]
     reuse = []
     if content["stats"]:
-        sharing = [r["label"] for r in content["rows"] if any("statistics of the uncompressed" in u for u in r["reused"])]
+        sharing = [r["label"] for r in content["rows"] if _shares(r, "statistics", "uncompressed")]
         reuse.append(f"one calibration pass on the uncompressed model ({content['stats']['seconds']} s) gave the "
                      f"figures below and the statistics of {len(sharing)} row(s)")
     for p in content["prefixes"]:
-        users = [r["label"] for r in content["rows"] if any(f"the {p['step']} model" in u for u in r["reused"])]
+        users = [r["label"] for r in content["rows"] if _shares(r, "model", p["step"])]
         reuse.append(f"`{p['step']}` ran once ({p['seconds']} s) for {len(users)} row(s)")
     if reuse:
         lines += ["", "Shared work (exact): " + "; ".join(reuse) + "."]
@@ -243,8 +244,8 @@ def markdown(content: dict, plots: dict) -> str:
                   f"the hidden states after every two blocks over {stats.get('block_matrix_tokens', 0):,} tokens.", "",
                   "| layer | block | S(M) | S(NM) |", "|---|---|---|---|"]
         for i, layer in stats["layers"].items():
-            sm = _fmt(layer.get("s_m"), ".4f").replace("—", "-")
-            snm = _fmt(layer.get("s_nm"), ".4f").replace("—", "-")
+            sm = fmt(layer.get("s_m"), ".4f").replace("—", "-")
+            snm = fmt(layer.get("s_nm"), ".4f").replace("—", "-")
             lines.append(f"| {i} | {layer['block_similarity']:.4f} | {sm} | {snm} |")
         lines.append("")
         for key in ("layers", "matrix"):
@@ -286,11 +287,7 @@ def plot(content: dict, out: Path) -> dict:
     from moekern.compress.report import plot_block_matrix, plot_drop_sweeps, plot_layer_similarity
 
     plots = {p.stem: p for p in bench_plot(content, out)}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points = [r for r in content["rows"] if r["perplexity"] is not None and r["weight_bytes"]]
     if points:
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -299,7 +296,7 @@ def plot(content: dict, out: Path) -> dict:
         ax.margins(x=0.15, y=0.1)
         ax.set(xlabel="weights (MB)", ylabel="held-out perplexity",
                title=f"{content['settings']['model']}: compression methods (lower left is better)")
-        plots["ppl"] = _save(fig, out / PNG["ppl"])
+        plots["ppl"] = save(fig, out / PNG["ppl"])
     stats = content["stats"]
     if stats:
         plots["layers"] = plot_layer_similarity(stats["layers"], out / PNG["layers"],
@@ -329,7 +326,6 @@ def _shape(content: dict) -> tuple[int, int]:
 def _plot_recipes(content: dict, layers: int, experts: int, path: Path):
     """One row per compressed method, one column per layer: kept, experts dropped (the count kept is written),
     MoE layer dropped, block dropped."""
-    import matplotlib.pyplot as plt
     import torch
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -339,7 +335,7 @@ def _plot_recipes(content: dict, layers: int, experts: int, path: Path):
     if not rows:
         return None
     grid = torch.zeros(len(rows), layers)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * layers, 1.2 + 0.4 * len(rows)))
+    fig, ax = pyplot().subplots(figsize=(1.5 + 0.6 * layers, 1.2 + 0.4 * len(rows)))
     for y, r in enumerate(rows):
         d = r["decisions"]
         for i in range(layers):
@@ -358,7 +354,7 @@ def _plot_recipes(content: dict, layers: int, experts: int, path: Path):
     ax.set(xlabel="layer", title="What each method removed (number: experts kept)")
     ax.legend(handles=[Patch(color=c, label=t) for c, t in zip(palette, (
         "kept", "experts dropped", "MoE layer dropped", "block dropped"))], loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ touches about as many distinct experts as uniform routing predicts, which is wha
 batch and more than it does at batch 1. The report says so.
 """
 
+from moekern.bench.memory import is_out_of_memory  # (also where older callers look for it)
 from moekern.errors import MoekernError
 
 # name: (source, transformers config class, config fields, what differs from the published model)
@@ -130,11 +131,3 @@ def _fill(module, generator) -> None:
     for name, b in module.named_buffers():
         if b.is_floating_point() and b.device.type != "meta":
             b.zero_()  # e.g. DeepSeek's score correction bias
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """The ways PyTorch says memory ran out: its CUDA OOM error, MemoryError, or a RuntimeError saying so."""
-    import torch
-
-    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
-            or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()))

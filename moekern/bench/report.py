@@ -9,10 +9,12 @@ from pathlib import Path
 from moekern.bench.variants import BASELINE, UNCOMPRESSED
 from moekern.eval.harness import PAPER_TASKS
 from moekern.model_info import human_bytes
+from moekern.report.plots import annotate, pyplot, save
+from moekern.report.speed import dropped, relative, speed_lines, speed_rows, speedups
+from moekern.report.tables import TASK_LABELS, flops_text, fmt, header
 
-TASK_LABELS = {"arc_challenge": "ARC-C", "boolq": "BoolQ", "hellaswag": "HellaSwag", "mmlu": "MMLU",
-               "openbookqa": "OBQA", "piqa": "PIQA", "rte": "RTE", "winogrande": "WinoGrande",
-               "moekern_heldout_mc": "Heldout-MC", "moekern_heldout_ppl": "Heldout PPL"}
+__all__ = ["build", "write_report", "markdown", "plot", "table3_lines", "speed_lines", "flops_text", "annotate",
+           "TASK_LABELS"]
 
 
 def build(records: list[dict]) -> dict:
@@ -35,7 +37,7 @@ def build(records: list[dict]) -> dict:
         same_recipe = [v for (m, r), v in accuracy.items() if r == recipe]
         return same_recipe[0] if len(same_recipe) == 1 else {}
 
-    rows, speed_rows, seen = [], [], set()
+    rows, speed_table, seen = [], [], set()
     bench_models = [m for m in models if runs.get(m["run"], {}).get("command") == "bench"]
     for m in bench_models:
         run = runs[m["run"]]
@@ -45,31 +47,19 @@ def build(records: list[dict]) -> dict:
         seen.add((m["model"], BASELINE) if m["variant"] == BASELINE else key)
         mine = {s["batch"]: s for s in speeds if s["run"] == m["run"] and s["variant"] == m["variant"]}
         base = {s["batch"]: s for s in speeds if s["run"] == m["run"] and s["variant"] == BASELINE}
-        both = sorted(b for b in mine if mine[b]["status"] == "ok" and base.get(b, {}).get("status") == "ok")
-        at = both[-1] if both else None
-        decode_speedup = base[at]["decode_step_median_s"] / mine[at]["decode_step_median_s"] if at else None
-        prefill_speedup = base[at]["prefill_s"] / mine[at]["prefill_s"] if at else None
+        decode_speedup, prefill_speedup, at = speedups(mine, base)
         rows.append(_row(m, run, scores_for(m["model"], m["recipe"]), tasks, decode_speedup, prefill_speedup, at))
-        for batch, s in sorted(mine.items()):
-            b = base.get(batch, {})
-            speed_rows.append({
-                "model": m["model"], "method": m["variant"], "run": m["run"], "batch": batch,
-                "status": s["status"], "context": s["context"],
-                **({k: s[k] for k in ("prefill_tok_s", "decode_step_median_s", "decode_tok_s", "peak_memory_bytes",
-                                      "floor_step_s", "times_floor", "kv_cache_bytes")} if s["status"] == "ok" else {}),
-                "decode_speedup": (b["decode_step_median_s"] / s["decode_step_median_s"]
-                                   if s["status"] == "ok" and b.get("status") == "ok" else None),
-            })
+        speed_table += speed_rows(mine, base, model=m["model"], method=m["variant"], run=m["run"])
     # evaluated models that were not benched: accuracy only
     benched = {(r["model"], r["recipe"]) for r in rows}
     for m in models:
         if runs.get(m["run"], {}).get("command") == "eval" and (m["model"], m["recipe"]) not in benched:
             benched.add((m["model"], m["recipe"]))
             rows.append(_row(m, runs[m["run"]], accuracy.get((m["model"], m["recipe"]), {}), tasks, None, None, None))
-    _relative(rows)
+    relative(rows, UNCOMPRESSED)
     notes = sorted({n for r in runs.values() for n in r.get("notes", [])})
     notes += _fixed_notes(runs, rows)
-    return {"rows": rows, "tasks": tasks, "perplexity": has_ppl, "speed": speed_rows, "notes": notes,
+    return {"rows": rows, "tasks": tasks, "perplexity": has_ppl, "speed": speed_table, "notes": notes,
             "runs": sorted(runs), "environment": _environments(runs)}
 
 
@@ -81,25 +71,7 @@ def _row(m, run, scores, tasks, decode_speedup, prefill_speedup, batch) -> dict:
             "weight_bytes": m.get("weight_bytes"), "accuracy": acc,
             "average": statistics.mean(acc.values()) if acc else None,
             "perplexity": scores.get("moekern_heldout_ppl", {}).get("value"),
-            "dropped": _dropped(m.get("decisions"))}
-
-
-def _relative(rows) -> None:
-    """Average accuracy relative to the uncompressed model's, of the same model, over the tasks both have."""
-    for row in rows:
-        base = next((r for r in rows if r["model"] == row["model"] and r["recipe"] == UNCOMPRESSED and r["accuracy"]),
-                    None)
-        common = [t for t in row["accuracy"] if base and t in base["accuracy"]]
-        row["relative"] = (statistics.mean(row["accuracy"][t] for t in common)
-                           / statistics.mean(base["accuracy"][t] for t in common)) if common else None
-
-
-def _dropped(decisions) -> dict:
-    d = decisions or {}
-    original = d.get("original_num_experts") or 0
-    experts = sum(original - len(k) for k in d.get("kept_experts") or [] if k is not None)
-    return {"blocks": len(d.get("dropped_blocks") or []), "moe_layers": len(d.get("dropped_moe_layers") or []),
-            "experts": experts}
+            "dropped": dropped(m.get("decisions"))}
 
 
 def _fixed_notes(runs, rows) -> list[str]:
@@ -131,19 +103,6 @@ def _environments(runs) -> list[str]:
                    f"transformers {r.get('transformers')}" for r in runs.values()})
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
-
-
-def flops_text(flops) -> str:
-    if flops is None:
-        return "—"
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if flops >= size:
-            return f"{flops / size:.2f}{unit}"
-    return str(flops)
-
-
 def table3_lines(content: dict) -> list[str]:
     """The paper's Table 3 as markdown rows: method, speedups, FLOPs, memory, accuracy per task, average, relative,
     and the held-out perplexity where it was measured. A row may carry its own `label` and an `error`."""
@@ -152,7 +111,7 @@ def table3_lines(content: dict) -> list[str]:
             *(TASK_LABELS.get(t, t) for t in tasks), "Avg.", "Rel."]
     if content["perplexity"]:
         head.append("Heldout PPL")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = header(head)
     for r in content["rows"]:
         at = f" (b={r['speedup_batch']})" if r["speedup_batch"] else ""
         label = r.get("label") or (f"{r['model']}: {r['method']}"
@@ -160,30 +119,13 @@ def table3_lines(content: dict) -> list[str]:
         if r.get("error") and r.get("weight_bytes") is None:
             lines.append(f"| {label} | failed: {r['error']} |" + " |" * (len(head) - 2))
             continue
-        cells = [label, _fmt(r["decode_speedup"], ".2f", "x") + at, _fmt(r["prefill_speedup"], ".2f", "x"),
+        cells = [label, fmt(r["decode_speedup"], ".2f", "x") + at, fmt(r["prefill_speedup"], ".2f", "x"),
                  flops_text(r["flops"]), "—" if r["weight_bytes"] is None else human_bytes(r["weight_bytes"]),
-                 *(_fmt(r["accuracy"].get(t) and 100 * r["accuracy"][t], ".1f") for t in tasks),
-                 _fmt(r["average"] and 100 * r["average"], ".1f"), _fmt(r["relative"] and 100 * r["relative"], ".1f", "%")]
+                 *(fmt(r["accuracy"].get(t) and 100 * r["accuracy"][t], ".1f") for t in tasks),
+                 fmt(r["average"] and 100 * r["average"], ".1f"), fmt(r["relative"] and 100 * r["relative"], ".1f", "%")]
         if content["perplexity"]:
-            cells.append(_fmt(r["perplexity"], ".2f"))
+            cells.append(fmt(r["perplexity"], ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def speed_lines(content: dict) -> list[str]:
-    """The speed per batch size as markdown rows."""
-    lines = ["| Model | Method | Batch | Context | Prefill tok/s | Decode step | Decode tok/s | Speedup | "
-             "Peak memory | Floor step | x floor |", "|" + "---|" * 11]
-    for s in content["speed"]:
-        if s["status"] != "ok":
-            lines.append(f"| {s['model']} | {s['method']} | {s['batch']} | {s['context']} | out of memory |"
-                         + " |" * 6)
-            continue
-        lines.append(
-            f"| {s['model']} | {s['method']} | {s['batch']} | {s['context']} | {s['prefill_tok_s']:.1f} | "
-            f"{s['decode_step_median_s'] * 1e3:.2f} ms | {s['decode_tok_s']:.1f} | "
-            f"{_fmt(s['decode_speedup'], '.2f', 'x')} | {human_bytes(s['peak_memory_bytes'])} | "
-            f"{s['floor_step_s'] * 1e3:.3f} ms | {s['times_floor']:.1f} |")
     return lines
 
 
@@ -200,11 +142,7 @@ def markdown(content: dict, plots: list[Path]) -> str:
 
 
 def plot(content: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     if content["speed"]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -219,7 +157,7 @@ def plot(content: dict, out: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set(xlabel="batch size", ylabel="decode tokens/s", title="Decode speed vs batch")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        written.append(_save(fig, out / "speed_vs_batch.png"))
+        written.append(save(fig, out / "speed_vs_batch.png"))
     points = [r for r in content["rows"] if r["decode_speedup"] is not None and r["weight_bytes"]]
     if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -228,7 +166,7 @@ def plot(content: dict, out: Path) -> list[Path]:
                        f"{r['method']}") for r in points])
         ax.margins(x=0.15, y=0.1)
         ax.set(xlabel=f"weights ({unit})", ylabel="decode speedup vs transformers", title="Speedup vs memory")
-        written.append(_save(fig, out / "speedup_vs_memory.png"))
+        written.append(save(fig, out / "speedup_vs_memory.png"))
     evaluated = list({(r["model"], r["recipe"]): r for r in content["rows"] if r["average"] is not None}.values())
     if evaluated:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -238,41 +176,8 @@ def plot(content: dict, out: Path) -> list[Path]:
         ax.margins(x=0.3, y=0.15)
         ax.set(xlabel="dropped modules (blocks + MoE layers, from the moekern decisions)",
                ylabel="average accuracy (%)", title="Accuracy vs dropped modules")
-        written.append(_save(fig, out / "accuracy_vs_dropped.png"))
+        written.append(save(fig, out / "accuracy_vs_dropped.png"))
     return written
-
-
-def annotate(ax, points: list[tuple[float, float, str]], log_y: bool = False) -> None:
-    """Scatter labelled points; each label takes the nearest line, above or below its point, that no earlier label
-    near it holds, so that labels of nearby points do not print over each other."""
-    import math
-
-    if not points:
-        return
-    ys = [math.log(y) if log_y and y > 0 else y for _, y, _ in points]
-    xs = [x for x, _, _ in points]
-    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    line = 0.035  # one label line (10 points), roughly, as a fraction of the spread of y
-    taken: list[tuple[float, float]] = []  # label positions, normalised
-    for (x, y, label), ly in zip(points, ys):
-        nx, ny = (x - min(xs)) / span_x, (ly - min(ys)) / span_y
-        for shift in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5):
-            at = ny + shift * line
-            if all(abs(tx - nx) > 0.2 or abs(ty - at) > 0.9 * line for tx, ty in taken):
-                break
-        taken.append((nx, at))
-        ax.scatter(x, y)
-        ax.annotate(label, (x, y), xytext=(8, -3 + shift * 10), textcoords="offset points", fontsize=7,
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="grey") if shift else None)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 def write_report(records: list[dict], out: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import time
 import torch
 
 from moekern.bench.bandwidth import cache_bytes, decode_bytes
-from moekern.bench.presets import is_out_of_memory
+from moekern.bench.memory import is_out_of_memory
 from moekern.model_info import peak_memory_bytes
 
 

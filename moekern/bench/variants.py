@@ -20,7 +20,8 @@ def make_variant(model, tokenizer, recipe: str | None, calib_samples: int = 32, 
     moekern.patch(model)
     if not recipe:
         return model
-    compress = _compress_function()
+    from moekern.compress.recipe import compress
+
     check_calibration(recipe, tokenizer)
     model = compress(model, recipe, None, tokenizer=tokenizer, samples=calib_samples, seq_len=calib_seq_len,
                      inplace=True)
@@ -32,16 +33,6 @@ def recipe_of(model) -> str:
     """The recipe recorded in a model's moekern decisions, or 'none'."""
     d = getattr(model.config, "moekern", None) or {}
     return d.get("recipe") or UNCOMPRESSED
-
-
-def _compress_function():
-    """moekern.compress, looked up at run time: it is written in moekern/compress/recipe.py."""
-    try:
-        from moekern.compress.recipe import compress
-    except ImportError as exc:
-        raise MoekernError(f"--recipe needs moekern.compress (moekern/compress/recipe.py), which cannot be imported "
-                           f"here ({exc}); run without --recipe") from exc
-    return compress
 
 
 def check_calibration(recipe: str | None, tokenizer) -> None:
@@ -56,8 +47,6 @@ def check_calibration(recipe: str | None, tokenizer) -> None:
 def parse_recipe(recipe: str | None) -> None:
     """Fail on a recipe typo before any model is built or measured."""
     if recipe:
-        try:
-            from moekern.compress.recipe import as_recipe
-        except ImportError:
-            _compress_function()  # raises the clear error
+        from moekern.compress.recipe import as_recipe
+
         as_recipe(recipe)

@@ -4,147 +4,33 @@ checks a recipe against the model and then applies it.
     compress(model, "awq4+layer-drop=4", tokenizer=tokenizer)      # -> a new, compressed model
     Recipe.parse("rtn4:g64+expert-drop=2:layerwise+skip=q0.3")    # str(recipe) gives the canonical string back
 
-Steps are joined by "+"; a step's options follow it after ":" in any order (e.g. gptq4:g64:act:sym):
-  Expert Slimming (at most one step; needs moekern.quant)
-    rtn4, awq4, gptq4        4-bit quantization, group size 128; ":g64" or ":g32" for smaller groups
-      awq4:autoawq           AutoAWQ's MoE scheme (one scale for every expert's gate/up, folded into the
-                             post-attention norm, judged on the whole MoE output; moekern.quant.autoawq) instead of
-                             moekern's per-expert, routing-weighted AWQ
-      gptq4:act, gptq4:sym   act-order (columns by decreasing Hessian diagonal) and AutoGPTQ's symmetric grid
-      gptq4:autogptq         AutoGPTQ's defaults as He et al. ran them: act-order, symmetric, and each expert's
-                             Hessian without moekern's routing weights
-      ...:attn               quantize the attention projections too (as llama.cpp's Q4_0 does): a decode step then
-                             reads 4-bit attention as well; the paper, and the default, quantize the experts only
-    wanda=0.5, sparsegpt=0.5 unstructured pruning to that sparsity;  wanda=2:4, sparsegpt=4:8 for N:M sparsity
-      ...:shared             prune the shared experts too (the paper's Table 5 and "w/" rows of Table 8)
-  Expert Trimming (in the order written)
-    expert-drop=N            Expert Drop of N experts per MoE layer on average, ":global" (default) or ":layerwise";
-                             ":nofloor" lets a layer keep fewer than top_k experts, or none (Eq. 11 exactly: a layer
-                             left without experts loses its MoE, as Layer Drop); ":topk" scores an expert by the mean
-                             of its top-k routing weights (the authors' DeepSeek score) instead of its mean softmax
-    layer-drop=N             Layer Drop of N MoE layers, ":oneshot" (default) or ":iterative"
-    block-drop=N             Block Drop of N decoder layers, ":oneshot" (default) or ":iterative"
-    enum-prune=R             keep R experts per MoE layer by enumeration pruning (Lu et al.); ":all" enumerates every
-                             subset on every calibration token with Lu et al.'s loss instead of a token sample
-    skip, skip=q0.3          dynamic skipping with beta the median (or the 0.3 quantile) weight ratio per layer
+Steps are joined by "+"; a step's options follow it after ":" in any order (e.g. gptq4:g64:act:sym). The kinds of
+step, and what each means, are the classes of moekern.compress.steps (one module each; `help_text()` lists them,
+as `moekern compress --help` does).
 
 Order: "ST" (default) applies the slimming step first, then the trimming steps, as the paper found slightly better
 (App. D); "TS" trims first. Each trimming step measures the model as it is at that point (one calibration pass).
 """
 
 import copy
-import math
-import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from moekern.compress.steps import (BlockDrop, EnumPrune, ExpertDrop, LayerDrop, Prune, Quantize, Shape, Skip,
+                                    SlimmingStep, Step, TrimmingStep, WorstCase, help_text, parse_step, syntax)
+from moekern.compress.steps.quantize import DEFAULT_GROUP, GROUP_SIZES
 from moekern.errors import MoekernError
 
 ORDERS = ("ST", "TS")
-QUANT_METHODS = ("rtn", "awq", "gptq")
-PRUNE_METHODS = ("wanda", "sparsegpt")
-GROUP_SIZES = (128, 64, 32)
-DEFAULT_GROUP = 128
+SYNTAX = syntax()
+HELP = help_text()
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The steps
-# ----------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Quantize:
-    method: str  # rtn | awq | gptq
-    bits: int = 4
-    group_size: int = DEFAULT_GROUP
-    act_order: bool = False  # gptq ":act"
-    sym: bool = False  # gptq ":sym"
-    scheme: str = "moekern"  # awq: "moekern" | "autoawq"
-    attention: bool = False  # ":attn": the attention projections are quantized too
-    slimming = True
-
-    def __str__(self):
-        return (f"{self.method}{self.bits}" + ("" if self.group_size == DEFAULT_GROUP else f":g{self.group_size}")
-                + (":act" if self.act_order else "") + (":sym" if self.sym else "")
-                + ("" if self.scheme == "moekern" else f":{self.scheme}") + (":attn" if self.attention else ""))
-
-
-@dataclass(frozen=True)
-class Prune:
-    method: str  # wanda | sparsegpt
-    sparsity: float | None = 0.5  # unstructured; None for N:M
-    n: int | None = None
-    m: int | None = None
-    shared: bool = False  # ":shared": the shared experts are pruned too
-    slimming = True
-
-    def __str__(self):
-        pattern = f"{self.n}:{self.m}" if self.n is not None else repr(self.sparsity)
-        return f"{self.method}={pattern}" + (":shared" if self.shared else "")
-
-
-@dataclass(frozen=True)
-class ExpertDrop:
-    n: int
-    mode: str = "global"  # global | layerwise
-    floor: bool = True  # False (":nofloor"): a layer may keep fewer than top_k experts, or none
-    score: str = "softmax"  # softmax | topk (":topk")
-    slimming = False
-
-    def __str__(self):
-        return (f"expert-drop={self.n}" + ("" if self.mode == "global" else f":{self.mode}")
-                + ("" if self.floor else ":nofloor") + ("" if self.score == "softmax" else f":{self.score}"))
-
-
-@dataclass(frozen=True)
-class LayerDrop:
-    n: int
-    iterative: bool = False
-    slimming = False
-
-    def __str__(self):
-        return f"layer-drop={self.n}" + (":iterative" if self.iterative else "")
-
-
-@dataclass(frozen=True)
-class BlockDrop:
-    n: int
-    iterative: bool = False
-    slimming = False
-
-    def __str__(self):
-        return f"block-drop={self.n}" + (":iterative" if self.iterative else "")
-
-
-@dataclass(frozen=True)
-class EnumPrune:
-    keep: int
-    all_tokens: bool = False  # ":all": every subset on every calibration token, Lu et al.'s loss
-    slimming = False
-
-    def __str__(self):
-        return f"enum-prune={self.keep}" + (":all" if self.all_tokens else "")
-
-
-@dataclass(frozen=True)
-class Skip:
-    quantile: float = 0.5
-    slimming = False
-
-    def __str__(self):
-        return "skip" if self.quantile == 0.5 else f"skip=q{self.quantile!r}"
-
-
-Step = Quantize | Prune | ExpertDrop | LayerDrop | BlockDrop | EnumPrune | Skip
-SYNTAX = ("rtn4, awq4[:autoawq], gptq4[:act][:sym] or gptq4:autogptq (each optionally :g128/:g64/:g32 and :attn), "
-          "wanda=0.5[:shared], "
-          "sparsegpt=2:4[:shared], expert-drop=N[:global|:layerwise][:nofloor][:topk], "
-          "layer-drop=N[:iterative], block-drop=N[:iterative], enum-prune=R[:all], skip or skip=q0.3")
-# The options each step takes after its name or value (":option"); the first of a group is the default.
-QUANT_OPTIONS = {"rtn": ("attn",), "awq": ("autoawq", "attn"), "gptq": ("act", "sym", "autogptq", "attn")}
-COUNTED_OPTIONS = {"expert-drop": ("global", "layerwise", "nofloor", "topk"), "layer-drop": ("oneshot", "iterative"),
-                   "block-drop": ("oneshot", "iterative"), "enum-prune": ("all",)}
-EXCLUSIVE = ({"global", "layerwise"}, {"oneshot", "iterative"})
+__all__ = ["Recipe", "compress", "run_recipe", "check_recipe", "as_recipe", "parse_step", "paper_label",
+           "CompressionResult", "Step", "Quantize", "Prune", "ExpertDrop", "LayerDrop", "BlockDrop", "EnumPrune", "Skip",
+           "SYNTAX", "HELP", "ORDERS", "GROUP_SIZES", "DEFAULT_GROUP"]
 
 
 @dataclass(frozen=True)
@@ -185,126 +71,12 @@ class Recipe:
         if len(self.slimming) > 1:
             raise MoekernError(f"recipe {self}: at most one Expert Slimming step (quantization or pruning), got "
                                f"{', '.join(map(str, self.slimming))}")
-        if sum(isinstance(s, Skip) for s in self.steps) > 1:
-            raise MoekernError(f"recipe {self}: 'skip' may appear once")
+        for kind in {type(s) for s in self.steps if s.once}:
+            if sum(type(s) is kind for s in self.steps) > 1:
+                raise MoekernError(f"recipe {self}: '{kind.names[0]}' may appear once")
 
     def needs_calibration(self) -> bool:
-        return any(not (isinstance(s, Quantize) and s.method == "rtn") for s in self.steps)
-
-
-def parse_step(text: str) -> Step:
-    """One step of the string form (see the module doc)."""
-    raw = text
-    text = text.strip().lower()
-    if not text:
-        raise MoekernError("empty step in the recipe (two '+' in a row, or a '+' at an end?)")
-    quant = re.fullmatch(r"(rtn|awq|gptq)(\d*)(?::(.*))?", text)
-    if quant:
-        method, bits, options = quant.groups()
-        if bits != "4":
-            raise MoekernError(f"recipe step {raw!r}: moekern quantizes to 4 bits; write {method}4")
-        group, flags = DEFAULT_GROUP, []
-        for option in _options(options, raw):
-            found = re.fullmatch(r"g(\d+)", option)
-            if found:
-                if int(found.group(1)) not in GROUP_SIZES:
-                    raise MoekernError(f"recipe step {raw!r}: the group option is :g128, :g64 or :g32")
-                group = int(found.group(1))
-            elif option in QUANT_OPTIONS[method]:
-                flags.append(option)
-            else:
-                allowed = ", ".join(f":{o}" for o in ("g128", "g64", "g32", *QUANT_OPTIONS[method]))
-                raise MoekernError(f"recipe step {raw!r}: {method}4 takes {allowed}, not :{option}")
-        if "autogptq" in flags and len(set(flags) - {"attn"}) > 1:
-            raise MoekernError(f"recipe step {raw!r}: :autogptq already means act-order and the symmetric grid; "
-                               f"write gptq4:autogptq")
-        scheme = next((f for f in flags if f in ("autoawq", "autogptq")), "moekern")
-        return Quantize(method, 4, group, act_order="act" in flags, sym="sym" in flags, scheme=scheme,
-                        attention="attn" in flags)
-    name, equals, value = text.partition("=")
-    if not equals:
-        name, _, rest = name.partition(":")
-        options = _options(rest or None, raw)
-    elif name in PRUNE_METHODS:  # the value holds N:M, so ":shared" is only ever its last part
-        shared = value.endswith(":shared")
-        value, options = value.removesuffix(":shared"), ["shared"] if shared else []
-    else:
-        value, _, rest = value.partition(":")
-        options = _options(rest or None, raw)
-    if name in PRUNE_METHODS:
-        if not equals:
-            raise MoekernError(f"recipe step {raw!r}: give a sparsity, e.g. {name}=0.5 or {name}=2:4")
-        shared = options == ["shared"]
-        nm = re.fullmatch(r"(\d+):(\d+)", value)
-        if nm:
-            n, m = int(nm.group(1)), int(nm.group(2))
-            if not 0 < n < m:
-                raise MoekernError(f"recipe step {raw!r}: N:M sparsity needs 0 < N < M, e.g. 2:4")
-            return Prune(name, None, n, m, shared)
-        if ":" in value:
-            raise MoekernError(f"recipe step {raw!r}: {name} takes a sparsity (0.5) or N:M (2:4), then optionally "
-                               f":shared")
-        sparsity = _number(value, raw, "a sparsity such as 0.5, or N:M such as 2:4")
-        if not 0.0 < sparsity < 1.0:
-            raise MoekernError(f"recipe step {raw!r}: sparsity must be between 0 and 1 (exclusive)")
-        return Prune(name, sparsity, shared=shared)
-    if name == "skip":
-        if options:
-            raise MoekernError(f"recipe step {raw!r}: skip takes no option; write skip or skip=q0.3")
-        if not equals:
-            return Skip()
-        if not value.startswith("q"):
-            raise MoekernError(f"recipe step {raw!r}: write skip=q<quantile>, e.g. skip=q0.3 (skip alone: median)")
-        q = _number(value[1:], raw, "a quantile between 0 and 1, e.g. skip=q0.3")
-        if not 0.0 <= q <= 1.0:
-            raise MoekernError(f"recipe step {raw!r}: the quantile must be between 0 and 1")
-        return Skip(q)
-    if name not in COUNTED_OPTIONS:
-        raise MoekernError(f"unknown recipe step {raw.strip()!r}; the steps are: {SYNTAX}")
-    if not equals:
-        raise MoekernError(f"recipe step {raw!r}: give a count, e.g. {name}=2")
-    if not re.fullmatch(r"\d+", value) or int(value) < 1:
-        raise MoekernError(f"recipe step {raw!r}: {name} needs a whole number >= 1, got {value!r}")
-    count = int(value)
-    for option in options:
-        if option not in COUNTED_OPTIONS[name]:
-            allowed = COUNTED_OPTIONS[name]
-            what = (f"no option other than :{allowed[0]}" if len(allowed) == 1
-                    else " or ".join(f":{o}" for o in allowed))
-            raise MoekernError(f"recipe step {raw!r}: {name} takes {what}, not :{option}")
-    for group in EXCLUSIVE:
-        if len(group & set(options)) > 1:
-            raise MoekernError(f"recipe step {raw!r}: choose one of {' or '.join(sorted(':' + o for o in group))}")
-    if name == "expert-drop":
-        return ExpertDrop(count, "layerwise" if "layerwise" in options else "global", floor="nofloor" not in options,
-                          score="topk" if "topk" in options else "softmax")
-    if name == "layer-drop":
-        return LayerDrop(count, "iterative" in options)
-    if name == "block-drop":
-        return BlockDrop(count, "iterative" in options)
-    return EnumPrune(count, all_tokens="all" in options)
-
-
-def _options(text: str | None, raw: str) -> list[str]:
-    """The ":"-separated options after a step's name or value; an empty or repeated one is an error."""
-    if text is None:
-        return []
-    options = text.split(":")
-    if "" in options:
-        raise MoekernError(f"recipe step {raw!r}: an empty option (two ':' in a row, or a ':' at the end?)")
-    if len(set(options)) != len(options):
-        raise MoekernError(f"recipe step {raw!r}: an option is repeated")
-    return options
-
-
-def _number(text: str, raw: str, expected: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise MoekernError(f"recipe step {raw!r}: {text!r} is not a number; expected {expected}") from None
-    if not math.isfinite(value):
-        raise MoekernError(f"recipe step {raw!r}: expected {expected}")
-    return value
+        return any(s.needs_calibration for s in self.steps)
 
 
 def as_recipe(recipe: "Recipe | str") -> Recipe:
@@ -314,96 +86,49 @@ def as_recipe(recipe: "Recipe | str") -> Recipe:
     return Recipe.parse(recipe)
 
 
+def paper_label(recipe: Recipe, model) -> str:
+    """The paper's way of naming a row: '+ E2/8', '+ L2/8 w/ AWQ', 'w/ RTN', ... (trimming first, as in its tables);
+    `model` is the uncompressed model, whose sizes the labels count against."""
+    from moekern import surgery
+
+    d = surgery.decisions(model)
+    shape = Shape(d["original_num_hidden_layers"], d["original_num_experts"], len(surgery.moe_layer_ids(model)))
+    trims = [f"+ {s.label(shape)}" for s in recipe.steps if not s.slimming]
+    return " ".join([*trims, *(s.label(shape) for s in recipe.steps if s.slimming)])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checking a recipe against a model, before any work
 # ----------------------------------------------------------------------------------------------------------------------
 def check_recipe(recipe: Recipe, model, allow_fewer: bool = False) -> None:
     """Raise MoekernError if the recipe cannot run to the end on this model.
 
-    Which layers a data-driven step removes is not known in advance, so the counts are followed in the worst case:
-    a Block Drop is assumed to remove MoE layers, a Layer or Block Drop the layers with the most experts, and after a
-    global Expert Drop every layer is assumed to be at its minimum. A recipe that passes never fails midway on a
+    Which layers a data-driven step removes is not known in advance, so the counts are followed in the worst case
+    (moekern.compress.steps.WorstCase), each step checking itself. A recipe that passes never fails midway on a
     count; one that is rejected says which step could fail."""
     from moekern import surgery
 
     recipe.check_syntax()
     had_decisions = bool(getattr(model.config, surgery.KEY, None))
     try:
-        _check_counts(recipe, model, allow_fewer)
+        worst = _worst_case(model, allow_fewer)
+        for step in recipe.steps:
+            step.check(model, worst, f"recipe {recipe}: step {step}")
     finally:
         # reading the counts creates empty decisions: checking must not change the caller's model
         if not had_decisions and hasattr(model.config, surgery.KEY):
             delattr(model.config, surgery.KEY)
 
 
-def _check_counts(recipe: Recipe, model, allow_fewer: bool) -> None:
+def _worst_case(model, allow_fewer: bool) -> WorstCase:
     from moekern import surgery
-    from moekern.compress.expert_drop import min_experts
     from moekern.models import family_of
 
-    top_k = family_of(model).router_spec(model.config).top_k
-    original_experts = surgery.decisions(model)["original_num_experts"]
-    blocks = len(surgery.decoder_layers(model))
-    experts = sorted(_alive_count(model, i) for i in surgery.moe_layer_ids(model))  # worst-case counts per MoE layer
-
-    for step in recipe.steps:
-        where = f"recipe {recipe}: step {step}"
-        if isinstance(step, (Quantize, Prune)):
-            config = _slimming_config(step)
-            config.validate()
-            if isinstance(step, Quantize):
-                if surgery.decisions(model).get("quant"):
-                    raise MoekernError(f"{where}: the model is already quantized; start from the 16-bit model")
-                # moekern.quant's own width check (group size vs. the quantized widths), before any work
-                from moekern.quant.apply import check_widths
-
-                check_widths(model, config)
-        elif isinstance(step, BlockDrop):
-            if step.n >= blocks:
-                raise MoekernError(f"{where} would leave no decoder layer (the model has {blocks}); drop fewer")
-            blocks -= step.n
-            experts = experts[: max(0, len(experts) - step.n)]
-        elif isinstance(step, LayerDrop):
-            if step.n > len(experts):
-                raise MoekernError(f"{where}: only {len(experts)} MoE layers (at worst) are left to drop; drop fewer")
-            experts = experts[: len(experts) - step.n]
-        else:
-            if not experts:
-                raise MoekernError(f"{where}: no MoE layer is left for it")
-            floors = [min_experts(top_k, e, allow_fewer) for e in experts]
-            if isinstance(step, ExpertDrop) and not step.floor:
-                # Eq. 11 without a floor: a layer may lose all its experts (and then its MoE), but not every layer
-                total, drop = sum(experts), step.n * len(experts)
-                if (min(experts) <= step.n) if step.mode == "layerwise" else drop >= total:
-                    raise MoekernError(f"{where} would drop every expert of {'a' if step.mode == 'layerwise' else 'every'} "
-                                       f"MoE layer (they have {experts} at worst); drop fewer, or use layer-drop")
-                if step.mode == "layerwise":
-                    experts = [e - step.n for e in experts]
-                else:  # at worst the survivors sit in the fewest layers, one expert each: the strictest later checks
-                    experts = [1] * -(-(total - drop) // max(experts))
-            elif isinstance(step, ExpertDrop):
-                room = [e - f for e, f in zip(experts, floors)]
-                fits = (min(room) >= step.n) if step.mode == "layerwise" else sum(room) >= step.n * len(experts)
-                if not fits:
-                    raise MoekernError(
-                        f"{where}: the MoE layers have {experts} experts (at worst) and keep at least "
-                        f"{'top_k=' + str(top_k) if not allow_fewer else 1} each; drop fewer"
-                        + ("" if allow_fewer else " or allow fewer experts than top_k (--allow-fewer-experts, or "
-                           ":nofloor)"))
-                experts = ([e - step.n for e in experts] if step.mode == "layerwise" else floors)
-            elif isinstance(step, EnumPrune):
-                if step.keep >= original_experts:
-                    raise MoekernError(f"{where}: keep fewer than the {original_experts} experts a layer has")
-                if step.keep < top_k and not allow_fewer:
-                    raise MoekernError(f"{where}: keeping {step.keep} experts is fewer than top_k={top_k}; keep more "
-                                       f"or allow it (--allow-fewer-experts)")
-                if step.all_tokens:
-                    from moekern.compress.enum_prune import check_enumeration
-
-                    check_enumeration(experts, step.keep, where)
-                experts = [min(e, step.keep) for e in experts]
-            elif isinstance(step, Skip) and top_k < 2:
-                raise MoekernError(f"{where}: skipping needs top_k >= 2 (this model routes to {top_k} expert)")
+    return WorstCase(top_k=family_of(model).router_spec(model.config).top_k,
+                     original_experts=surgery.decisions(model)["original_num_experts"],
+                     blocks=len(surgery.decoder_layers(model)),
+                     experts=sorted(_alive_count(model, i) for i in surgery.moe_layer_ids(model)),
+                     allow_fewer=allow_fewer)
 
 
 def _alive_count(model, original: int) -> int:
@@ -412,20 +137,6 @@ def _alive_count(model, original: int) -> int:
 
     mlp = surgery.decoder_layers(model)[surgery.original_layer_ids(model).index(original)].mlp
     return int(mlp.alive.sum()) if isinstance(mlp, MoEBlock) else surgery.decisions(model)["original_num_experts"]
-
-
-def _slimming_config(step):
-    try:
-        from moekern.quant import PruneConfig, QuantConfig
-    except ImportError as exc:
-        raise MoekernError(
-            f"step {step}: Expert Slimming (moekern.quant) is not available in this build ({exc})") from exc
-    if isinstance(step, Quantize):
-        return QuantConfig(method=step.method, bits=step.bits, group_size=step.group_size, act_order=step.act_order,
-                           sym=step.sym, scheme=step.scheme, quantize_attention=step.attention)
-    if step.n is not None:
-        return PruneConfig(method=step.method, sparsity=None, n=step.n, m=step.m, prune_shared_experts=step.shared)
-    return PruneConfig(method=step.method, sparsity=step.sparsity, prune_shared_experts=step.shared)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -443,30 +154,25 @@ class CompressionResult:
     calibration_shape: tuple | None
 
 
-def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST", **options):
-    """Compress `model` by `recipe` (a string or a Recipe) and return the compressed model.
+def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST", *, tokenizer=None,
+             allow_fewer: bool = False, inplace: bool = False, samples: int | None = None,
+             seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None,
+             base_stats=None, quant_calibration=None, return_result: bool = False):
+    """Compress `model` by `recipe` (a string or a Recipe) and return the compressed model (with
+    return_result=True, the CompressionResult: what each step decided, the statistics measured before trimming, and
+    the sizes before and after, which moekern.compress.report writes).
 
     The caller's model is not modified: it is deep-copied first (which needs memory for a second copy), unless
     inplace=True. calibration: token ids LongTensor [n, L]; or a path to a local corpus, or None for the shipped
     corpus, both cut into blocks with the `tokenizer` option (samples, seq_len, seed: see
     moekern.compress.calibration). RTN alone needs no calibration. Other options: allow_fewer (experts below top_k
     per layer), batch_size, device (where each layer is calibrated). The recipe is checked against the model
-    before any work (check_recipe) and recorded in decisions(model)["recipe"]. See run_recipe for the details of
-    each step."""
-    return run_recipe(model, recipe, calibration, order, **options).model
-
-
-def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST", *, tokenizer=None,
-               allow_fewer: bool = False, inplace: bool = False, samples: int | None = None,
-               seq_len: int | None = None, seed: int = 0, batch_size: int = 8, device=None,
-               base_stats=None, quant_calibration=None) -> CompressionResult:
-    """compress(), returning the CompressionResult: what each step decided, the statistics measured before
-    trimming, and the sizes before and after (what moekern.compress.report writes).
+    before any work (check_recipe) and recorded in decisions(model)["recipe"].
 
     base_stats: TrimStats the caller measured (moekern.compress.stats.measure) on this very model, unchanged, and
     on the same calibration tensor; a trimming step that comes first uses them instead of measuring again if they
     were measured as it would measure them (record_tokens, batch_size, device, seed). Exact: it saves one pass per
-    recipe when many recipes compress copies of one model (moekern paper).
+    recipe when many recipes compress copies of one model (moekern.compress.shared).
 
     quant_calibration: the calibration of a quantization step (AWQ, GPTQ) where it differs from the others' (the
     paper: Pile for AWQ, Alpaca for GPTQ, C4 for the rest): token ids or a source, as `calibration`."""
@@ -484,7 +190,7 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
     check_recipe(recipe, model, allow_fewer)
     ids = _calibration(recipe, calibration, tokenizer, samples, seq_len, seed)
     quant_ids = ids
-    if quant_calibration is not None and any(isinstance(s, Quantize) and s.method != "rtn" for s in steps):
+    if quant_calibration is not None and any(s.slimming and s.quantizes and s.needs_calibration for s in steps):
         quant_ids = _calibration(recipe, quant_calibration, tokenizer, samples, seq_len, seed)
     for blocks in {id(t): t for t in (ids, quant_ids) if t is not None}.values():  # each tensor once
         arguments.check_positions(model.config, blocks.shape[1], "the calibration blocks' length (seq_len)")
@@ -502,14 +208,11 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
     for step in steps:
         started = time.perf_counter()
         if step.slimming:
-            entry = _slim(model, step, quant_ids if isinstance(step, Quantize) else ids, batch_size, device)
+            entry = _slim(model, step, quant_ids if step.quantizes else ids, batch_size, device)
         else:
             from moekern.compress.stats import measure
 
-            enum_all = isinstance(step, EnumPrune) and step.all_tokens
-            options = dict(batch_size=batch_size, device=device, seed=seed,
-                           record_tokens=isinstance(step, EnumPrune) and not enum_all,
-                           enumerate_keep=step.keep if enum_all else 0)
+            options = dict(batch_size=batch_size, device=device, seed=seed, **step.measure_options())
             if not log and _measured_as(base_stats, ids, options):
                 stats = base_stats
             else:
@@ -525,7 +228,15 @@ def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST
     d["recipe"] = str(recipe)
     d["recipe_order"] = order
     shape = None if ids is None else tuple(ids.shape)
-    return CompressionResult(model, recipe, order, log, first_stats, before, model_size(model), shape)
+    result = CompressionResult(model, recipe, order, log, first_stats, before, model_size(model), shape)
+    return result if return_result else model
+
+
+def run_recipe(model, recipe: "Recipe | str", calibration=None, order: str = "ST", **options) -> CompressionResult:
+    """Deprecated: compress(..., return_result=True), which it calls."""
+    warnings.warn("moekern.compress.recipe.run_recipe is deprecated; call moekern.compress(..., return_result=True)",
+                  DeprecationWarning, stacklevel=2)
+    return compress(model, recipe, calibration, order, **options, return_result=True)
 
 
 def _measured_as(stats, ids, options: dict) -> bool:
@@ -552,33 +263,12 @@ def _calibration(recipe, calibration, tokenizer, samples, seq_len, seed):
     return calibration_blocks(tokenizer, calibration, samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN, seed)
 
 
-def _slim(model, step, ids, batch_size, device) -> dict:
-    config = _slimming_config(step)
-    from moekern.quant import prune_, quantize_
-
-    if isinstance(step, Quantize):
-        report = quantize_(model, config, calibration=ids if config.needs_calibration else None, device=device,
-                           batch_size=batch_size)
-    else:
-        report = prune_(model, config, calibration=ids, device=device, batch_size=batch_size)
-    return {"report": _jsonable(report)}
+def _slim(model, step: SlimmingStep, ids, batch_size, device) -> dict:
+    return {"report": _jsonable(step.apply(model, ids, batch_size=batch_size, device=device))}
 
 
-def _trim(model, step, stats, allow_fewer) -> dict:
-    from moekern.compress.depth_drop import block_drop, layer_drop
-    from moekern.compress.enum_prune import enum_prune
-    from moekern.compress.expert_drop import expert_drop
-    from moekern.compress.skip import dynamic_skip
-
-    if isinstance(step, ExpertDrop):
-        return {"kept_experts": expert_drop(model, stats, step.n, step.mode, allow_fewer, step.floor, step.score)}
-    if isinstance(step, LayerDrop):
-        return {"dropped_moe_layers": layer_drop(model, stats, step.n, step.iterative)}
-    if isinstance(step, BlockDrop):
-        return {"dropped_blocks": block_drop(model, stats, step.n, step.iterative)}
-    if isinstance(step, EnumPrune):
-        return {"enum_prune": enum_prune(model, stats, step.keep, allow_fewer)}
-    return {"skip_beta": dynamic_skip(model, stats, step.quantile)}
+def _trim(model, step: TrimmingStep, stats, allow_fewer) -> dict:
+    return step.apply(model, stats, allow_fewer=allow_fewer)
 
 
 def _jsonable(value):

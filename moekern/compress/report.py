@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from moekern.report.plots import pyplot, save
+
 REPORT_MD, REPORT_JSON = "compress_report.md", "compress_report.json"
 SIMILARITY_PNG, DROPPED_PNG, BLOCK_MATRIX_PNG = "similarity.png", "dropped.png", "block_matrix.png"
 
@@ -127,19 +129,10 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_layer_similarity(layers: dict, path: Path, dropped_moe_layers=(), dropped_blocks=(), title: str = "") -> Path:
     """Fig. 4: S(M) and S(NM) per MoE layer (bars), and block input/output similarity; `layers` as in
     stats_data()["layers"]. Dropped MoE layers get a red edge, dropped blocks a red bar."""
-    plt = _pyplot()
+    plt = pyplot()
     ids = [int(i) for i in layers]
     moe = [i for i in ids if "s_nm" in layers[str(i)]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
@@ -161,9 +154,7 @@ def plot_layer_similarity(layers: dict, path: Path, dropped_moe_layers=(), dropp
               xticks=ids)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -171,7 +162,7 @@ def plot_block_matrix(matrix, path: Path, layer_ids=None, tokens: int | None = N
     """Fig. 7: the block-wise similarity matrix (stats_data()["block_matrix"]: rows and columns are the first block's
     input, then each block's output), drawn for the blocks' outputs: raw cosines written in the cells, colours
     normalised to the smallest and largest off-diagonal value, as the paper normalises its figure."""
-    plt = _pyplot()
+    plt = pyplot()
     full = torch.as_tensor(matrix, dtype=torch.float64)
     outputs = full[1:, 1:]
     size = outputs.shape[0]
@@ -192,9 +183,7 @@ def plot_block_matrix(matrix, path: Path, layer_ids=None, tokens: int | None = N
     where = f", {tokens:,} tokens" if tokens else ""
     ax.set(xlabel="after block", ylabel="after block",
            title=title or f"Normalised block-wise similarity{where}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -225,7 +214,7 @@ def drop_sweeps(stats, top_k: int, allow_fewer: bool = False) -> dict:
 def plot_drop_sweeps(sweeps: dict, num_layers: int, num_experts: int, path: Path, title: str = "") -> Path:
     """Fig. 10 (Layer Drop and Block Drop: kept in yellow, dropped in red, per count) and Fig. 12 (global Expert
     Drop: each expert coloured by the smallest count per layer that drops it, yellow to blue; grey: never)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
 
     def grid(chosen: dict) -> torch.Tensor:
@@ -264,14 +253,12 @@ def plot_drop_sweeps(sweeps: dict, num_layers: int, num_experts: int, path: Path
     axes[2].set_yticks(range(num_layers))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
 def plot(data: dict, out: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -314,7 +301,5 @@ def plot(data: dict, out: Path) -> list[Path]:
     right.legend(handles=[Patch(color=c, label=t) for c, t in zip(palette, (
         "kept", "expert dropped", "MoE layer dropped", "block dropped", "dense layer"))],
         loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(out / DROPPED_PNG, dpi=110)
-    plt.close(fig)
+    save(fig, out / DROPPED_PNG)
     return [*written, out / DROPPED_PNG]
