@@ -25,7 +25,7 @@ def no_work(monkeypatch):
     def loading(args):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(cli, "load_from_args", loading)
+    monkeypatch.setattr(cli.common, "load_from_args", loading)
     from moekern.bench import harness as bench_cli
 
     monkeypatch.setattr(bench_cli, "load_model", loading)

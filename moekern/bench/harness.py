@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moekern.cli.common import environment, load_from_args, with_device
+import moekern.cli.common as common
+from moekern.cli.common import environment, with_device
 from moekern.errors import MoekernError
 
 DEFAULT_OUT = Path("moekern-runs")
@@ -73,7 +74,7 @@ def load_model(settings):
                            f"{', '.join(PRESETS)} (or 'shipped')")
     if layers:
         raise MoekernError("--layers shrinks a preset only; compress a model folder with block-drop instead")
-    model, tokenizer = load_from_args(s)
+    model, tokenizer = common.load_from_args(s)  # looked up at the call, so that a test can replace it
     notes = []
     if getattr(model.config, "moekern", None):
         notes.append(f"{s.model} is a moekern checkpoint: its baseline already runs moekern's MoE blocks (the "

@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
 
 
 def run_compress(settings: CompressSettings) -> int:
-    from moekern import cli
+    from moekern.cli import common
     from moekern.arguments import check_positions
     from moekern.checkpoint import save
     from moekern.compress.calibration import calibration_blocks
@@ -87,7 +87,7 @@ def run_compress(settings: CompressSettings) -> int:
     s = settings
     started = time.perf_counter()
     recipe = Recipe.parse(s.recipe)  # a typo fails before the model is loaded
-    model, tokenizer = cli.load_from_args(s)  # looked up on the package, where it is public (and replaceable)
+    model, tokenizer = common.load_from_args(s)  # looked up at the call, so that a test can replace it
     check_recipe(recipe, model, s.allow_fewer_experts)
     calibration = None
     if recipe.needs_calibration():

@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 def run_info(settings: InfoSettings) -> int:
     import torch
 
-    from moekern import cli
+    from moekern.cli import common
     from moekern.arguments import check_positions
     from moekern.eval.perplexity import mean_nll, token_windows
     from moekern.model_info import describe, human_bytes, human_count, peak_memory_bytes
@@ -53,7 +53,7 @@ def run_info(settings: InfoSettings) -> int:
 
     s = settings
     started = time.perf_counter()
-    model, tokenizer = cli.load_from_args(s)  # looked up on the package, where it is public (and replaceable)
+    model, tokenizer = common.load_from_args(s)  # looked up at the call, so that a test can replace it
     check_positions(model.config, s.seq_len, "--seq-len")
     device = next(model.parameters()).device
     facts = describe(model)

@@ -7,7 +7,7 @@ from moekern.finetune.config import LORA_GROUPS, SCHEDULERS, FinetuneConfig, Lor
 
 
 def add_finetune_command(sub) -> None:
-    from moekern.cli import add_loading_args, positive_int
+    from moekern.cli.common import add_loading_args, positive_int
 
     defaults = FinetuneConfig()
     p = sub.add_parser(
