@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from slimming_table import calibration_ids, evaluate  # noqa: E402 - the same calibration and scoring
 
-from moekern.compress.recipe import run_recipe  # noqa: E402
+from moekern.compress.recipe import compress  # noqa: E402
 from moekern.eval.perplexity import token_windows  # noqa: E402
 from moekern.shipped import heldout_text, load_model  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> None:
         group = next(g for g, rs in RECIPES.items() if recipe in rs)
         fresh, _ = load_model(torch.float32)
         started = time.time()
-        result = run_recipe(fresh, recipe, calibration, inplace=True)
+        result = compress(fresh, recipe, calibration, inplace=True, return_result=True)
         seconds = time.time() - started
         scored = evaluate(result.model, heldout, baseline["logprobs"])
         nll = torch.tensor(scored["window_nll"], dtype=torch.float64)
