@@ -107,7 +107,7 @@ def fallback(op: str, n: int, k: int, quant: bool, num_tokens: int, bm: int, num
 
     Decode (BLOCK_M 16, the MMA's N): one warpgroup. 4-bit: K steps of whole groups (decode_k_step: 256 k at group
     128, 320 at GPT-OSS's group 64 and K 2880; three stages where a step is wider than 256), gate_up 64 rows a half
-    (89-121 registers; at GPT-OSS's shape 128 rows take 5% fewer instructions a byte but take 255 registers),
+    (89-121 registers; at GPT-OSS's shape 128 rows need 5% fewer instructions a byte but 255 registers),
     down 128 rows (two m64 blocks a warpgroup: the per-step cost is shared by twice the weights); groups of 16 and
     32 take 128 rows in both. bf16: 64 rows, K steps of 128. Prefill: 128 weight rows over two warpgroups
     (a weight is decoded once, not once per warpgroup), K steps of 64 (bf16); 4-bit on sm_90 two groups of 64, or of
