@@ -20,7 +20,7 @@ import torch
 
 from moekern.ops import cpu
 from moekern.ops import reference as R
-from moekern.quant import layout
+from moekern.formats import layout
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
 

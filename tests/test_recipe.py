@@ -12,10 +12,10 @@ from tiny_models import tiny_model
 
 import moekern
 from moekern import surgery
-from moekern.compress.depth_drop import layer_drop
-from moekern.compress.recipe import (BlockDrop, EnumPrune, ExpertDrop, LayerDrop, Prune, Quantize, Recipe, Skip,
+from moekern.compression.trimming.depth_drop import layer_drop
+from moekern.compression.recipe import (BlockDrop, EnumPrune, ExpertDrop, LayerDrop, Prune, Quantize, Recipe, Skip,
                                      check_recipe, run_recipe)
-from moekern.compress.stats import measure
+from moekern.compression.trimming.stats import measure
 from moekern.errors import MoekernError
 
 
@@ -112,7 +112,8 @@ def test_allow_fewer_lets_experts_go_below_top_k():
 
 
 def test_slimming_says_when_moekern_quant_is_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "moekern.quant", None)  # import moekern.quant now raises ImportError
+    # importing the slimming methods now raises ImportError
+    monkeypatch.setitem(sys.modules, "moekern.compression.slimming", None)
     with pytest.raises(MoekernError, match="not available in this build"):
         moekern.compress(tiny_model("mixtral"), "awq4+layer-drop=1", calibration=torch.randint(3, 97, (2, 8)))
 
