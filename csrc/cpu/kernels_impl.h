@@ -682,12 +682,14 @@ static void stream_int8_columns(const uint8_t* qb, int64_t ldq, int64_t steps, c
   }
 }
 
-// Each visit of a k-step row reads TJ lines side by side and prefetches each of them MK_STREAM_AHEAD bytes on: the
-// hardware prefetcher alone fell behind on the steps' several streams (prefetching only one line of the TJ, Mixtral's
-// layer at one token read 12-15 GB/s; all of them, 16-18 GB/s, with the machine's read probe at 16-20 GB/s).
+// Each visit of a k-step row reads TJ lines side by side and prefetches each of them MK_STREAM_AHEAD bytes on, into
+// L2 (MK_STREAM_HINT): the hardware prefetcher alone falls behind on the steps' several streams. Into L1 (T0, 1 KiB
+// on) the same prefetches cost time: interleaved in one run on Mixtral's layer at one token, T1 2 KiB on took 0.85x
+// of T0 1 KiB's time (0.83x on Qwen3-30B-A3B's), and no prefetch at all 0.91x (0.94x).
 #ifndef MK_STREAM_AHEAD
-#define MK_STREAM_AHEAD 1024
+#define MK_STREAM_AHEAD 2048
 #endif
+#define MK_STREAM_HINT _MM_HINT_T1
 #if MOEKERN_ISA_LEVEL >= 3
 // TJ tiles side by side (TJ * 64 contiguous bytes of each qweight row), the low and the high nibbles in their own
 // accumulators: 2 * TJ * MB independent vpdpbusd chains, where one chain per tile would wait on the instruction's
@@ -702,7 +704,7 @@ static inline void stream_int8_group(const uint8_t* qb, int64_t ldq, int64_t ste
     for (int t = 0; t < TJ; ++t) lo[m][t] = hi[m][t] = _mm512_setzero_si512();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* row = qb + st * ldq + j0 * 64;
-    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), MK_STREAM_HINT);
     __m512i a0[MB], a1[MB];
     for (int m = 0; m < MB; ++m) {
       int32_t v0, v1;
@@ -766,7 +768,7 @@ __attribute__((target("avx512bf16"))) static inline void stream_bf16_group(
     for (int t = 0; t < TJ; ++t) a[m][t][0] = a[m][t][1] = _mm512_setzero_ps();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* row = qb + st * ldq + j0 * 64;
-    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), MK_STREAM_HINT);
     for (int t = 0; t < TJ; ++t) {
       const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
       for (int j = 0; j < 4; ++j) {
@@ -804,7 +806,7 @@ static inline void stream_fp32_group(const uint8_t* qb, int64_t ldq, int64_t ste
     for (int t = 0; t < TJ; ++t) a[m][t][0] = a[m][t][1] = _mm512_setzero_ps();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* row = qb + st * ldq + j0 * 64;
-    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), MK_STREAM_HINT);
     for (int t = 0; t < TJ; ++t) {
       const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
       for (int j = 0; j < 8; ++j) {
