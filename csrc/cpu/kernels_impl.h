@@ -745,8 +745,9 @@ template <int MB>
 static void stream_int8_tiles(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
                               const uint8_t* zrow, int64_t k0, int64_t blk, const TileRows& x, float* acc, int64_t N,
                               int64_t tiles) {
-  // Tiles a visit takes per row count: 2 * TJ * MB accumulators and 2 * MB broadcasts stay in the 32 registers (3 and 4
-  // rows at TJ = 2 spilled: 1 thread, weights in the caches, 4 rows took 1.3-1.7x the time of TJ = 1).
+  // Tiles a visit takes, by rows: 2 * TJ * MB accumulators and 2 * MB broadcasts in the 32 vector registers. Fewer
+  // tiles for 2-4 rows measured faster (1 thread, weights in the caches: 4 rows at TJ = 2 took 1.3-1.7x the time of
+  // TJ = 1, 2 rows at TJ = 4 about 1.3x that of TJ = 2).
   constexpr int TJ = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   __m512i xi[MB];
   __m512 xs[MB];
