@@ -17,7 +17,7 @@ from moekern.compression.slimming.ffn import quantize_ffn, quantize_linears
 from moekern.compression.slimming.hessian import hessian
 from moekern.compression.slimming.linears import NormFold, replace_linear
 from moekern.compression.slimming.prune import sparsegpt, wanda
-from moekern.compression.slimming.rtn import check_group
+from moekern.compression.slimming.rtn import check_group, pack, rtn
 from moekern.surgery import adopt, decisions, decoder_layers
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -46,6 +46,8 @@ def check_widths(model, config: QuantConfig) -> None:
             check_group(w_d.shape[-1], config.group_size, f"experts' down of layer {index}")
         for name, linear in _quant_linears(model, layer, config).items():
             check_group(linear.in_features, config.group_size, f"{name} of layer {index}")
+    if config.quantize_lm_head:
+        _lm_head(model)  # a Linear (its width is the experts' input width, checked above)
 
 
 def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = None, device=None,
@@ -105,6 +107,8 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
         entry["seconds"] = round(time.time() - t0, 3)
         report["layers"].append(entry)
         del capture  # this layer's inputs go before the next layer's are captured
+    if config.quantize_lm_head:
+        _quantize_lm_head(model, config)
     d["quant"] = config.record()
     report["fallback_rtn"] = sum(e["fallback_rtn"] for e in report["layers"])
     report["awq_kept_rtn"] = sum(e["awq_kept_rtn"] for e in report["layers"])
@@ -114,6 +118,27 @@ def quantize_(model, config: QuantConfig, calibration: torch.Tensor | None = Non
         report[key] = sum(errors) / len(errors) if errors else None
     report["seconds"] = round(time.time() - started, 2)
     return report
+
+
+def _lm_head(model) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise MoekernError(f"the lm_head of this model is a {type(head).__name__}, not a Linear; quantize without "
+                           f"quantize_lm_head (the recipe option :head)")
+    return head
+
+
+def _quantize_lm_head(model, config: QuantConfig) -> None:
+    """The output projection in 4 bits by RTN (llama.cpp keeps its output tensor in 6 bits, Q6_K, by default): a
+    decode step reads all of it for every token. Where it is tied to the embedding, it gets a 4-bit copy of its own
+    and the embedding stays 16-bit, so the configs no longer tie them (save and load then keep both)."""
+    head = _lm_head(model)
+    name = next(path for path, module in model.named_modules() if module is head)
+    tensors = pack(*rtn(head.weight.detach(), config.group_size))
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    replace_linear(model, name, tensors, head)
 
 
 def _quantize_experts(layer, capture, config: QuantConfig, entry: dict) -> None:

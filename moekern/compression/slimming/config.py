@@ -25,6 +25,8 @@ class QuantConfig:
                 "autogptq" (GPTQ): AutoGPTQ's defaults as He et al. ran them: act-order, the symmetric grid, and each
                 expert's Hessian over its routed tokens without routing weights.
     quantize_attention:      also quantize the attention projections (off by default, as the paper quantizes experts).
+    quantize_lm_head:        also quantize the lm_head, by RTN whatever the method (a decode step reads all of it; a
+                             tied lm_head gets a 4-bit copy and the embedding stays 16-bit). Off by default.
     quantize_shared_experts: also quantize the always-active FFNs: shared experts and the MLPs of dense layers.
     The router and lm_head always stay 16-bit.
     """
@@ -37,6 +39,7 @@ class QuantConfig:
     scheme: Literal["moekern", "autoawq", "autogptq"] = "moekern"
     quantize_attention: bool = False
     quantize_shared_experts: bool = True
+    quantize_lm_head: bool = False
 
     def validate(self) -> None:
         if self.method not in ("rtn", "awq", "gptq"):
