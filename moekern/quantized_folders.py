@@ -16,7 +16,8 @@ model.safetensors.index.json) in transformers 4 naming, one linear per expert:
     DeepSeek-V2/V3                model.layers.N.mlp.gate.weight (router), shared experts and dense MLPs by name
 
 each 4-bit linear as .qweight / .qzeros / .scales (GPTQ also .g_idx, either maybe .bias), anything else (norms,
-routers, embeddings, lm_head, linears left 16-bit) as plain tensors. The format, tensor by tensor: moekern.formats (hub_config.py, published.py).
+routers, embeddings, lm_head, linears left 16-bit) as plain tensors. The format, tensor
+by tensor: moekern.formats (hub_config.py, published.py).
 
 Loading builds the model from config.json on the meta device (nothing downloaded, no remote code), puts a
 QuantizedExperts in every MoE layer whose experts are 4-bit and a QuantizedLinear wherever a linear is, then
@@ -90,8 +91,8 @@ def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = No
             tensors = {}
             for part, parts, (k, n) in (("gate_up_proj", names[:2], (hidden, inter)),
                                         ("down_proj", names[2:], (inter, hidden))):
-                per_expert = [[hub_config.read_linear(shards, f"{prefix}.{e}.{name}", k, n, hq, dtype, groups) for name in parts]
-                              for e in range(num)]
+                per_expert = [[hub_config.read_linear(shards, f"{prefix}.{e}.{name}", k, n, hq, dtype, groups)
+                               for name in parts] for e in range(num)]
                 for key in ("qweight", "scales", "zeros"):  # gate and up side by side along N: gate_up = [gate; up]
                     tensors[f"{part}_{key}"] = torch.stack([torch.cat([p[key] for p in ps], dim=-1)
                                                             for ps in per_expert])
@@ -119,8 +120,8 @@ def load_quantized_folder(path: str | Path, dtype: torch.dtype | str | None = No
         tensors = hub_config.read_linear(shards, key, module.in_features, module.out_features, hq, dtype, groups)
         bias = shards.get(f"{key}.bias")
         if module.bias is not None:
-            tensors["bias"] = hub_config.expect(shards, f"{key}.bias", (module.out_features,), "the bias of a 4-bit linear")
-            tensors["bias"] = tensors["bias"].to(dtype)
+            bias = hub_config.expect(shards, f"{key}.bias", (module.out_features,), "the bias of a 4-bit linear")
+            tensors["bias"] = bias.to(dtype)
         elif bias is not None and bool(bias.any()):
             raise MoekernError(f"{key}.bias is not zero, but {module_path} has no bias in this architecture")
         targets.set_module(model, module_path, QuantizedLinear(tensors))
@@ -220,7 +221,8 @@ def save_quantized_folder(model, path: str | Path, fmt: str = "awq", tokenizer=N
     if fmt not in ("awq", "gptq"):
         raise MoekernError(f"unknown checkpoint format {fmt!r}; choose 'awq' or 'gptq'")
     if fmt == "gptq" and checkpoint_format not in hub_config.GPTQ_FORMATS:
-        raise MoekernError(f"GPTQ checkpoint_format must be one of {sorted(hub_config.GPTQ_FORMATS)}, got {checkpoint_format!r}")
+        raise MoekernError(f"GPTQ checkpoint_format must be one of {sorted(hub_config.GPTQ_FORMATS)}, got "
+                           f"{checkpoint_format!r}")
     version = hub_config.GPTQ_FORMATS.get(checkpoint_format, 1)
     d = decisions(model)
     if not d.get("quant"):

@@ -1,5 +1,5 @@
-"""Whole AutoAWQ / GPTQ checkpoint folders of MoE models (moekern.quantized_folders): folders written here by the published
-formats' rules (packed bit by bit in this file, transformers 4 per-expert names) load into moekern's 4-bit modules
+"""Whole AutoAWQ / GPTQ checkpoint folders of MoE models (moekern.quantized_folders): folders written here by the
+published formats' rules (packed bit by bit in this file, transformers 4 per-expert names) load into moekern's 4-bit modules
 with the exact codes and grid, and give the RTN model's logits; moekern's exporter writes the same tensors; bad
 folders are refused with the reason."""
 

@@ -147,7 +147,8 @@ def package_of(module: str) -> str:
 
 def test_a_package_cycle_is_found():
     edges = {("pkg.a.x", "pkg.b.y"): "function", ("pkg.b.z", "pkg.a.w"): "module", ("pkg.a.x", "pkg.a.w"): "module"}
-    packages = {(package_of(a), package_of(b)): kind for (a, b), kind in edges.items() if package_of(a) != package_of(b)}
+    packages = {(package_of(a), package_of(b)): kind for (a, b), kind in edges.items()
+                if package_of(a) != package_of(b)}
     assert cycles(packages) == [["pkg.a", "pkg.b"]]
 
 

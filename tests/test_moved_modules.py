@@ -54,7 +54,8 @@ from moekern.formats.hub_config import read_quantization_config as r
 from moekern.compression.trimming.stats import measure as m
 from moekern.modules.lora import ExpertsLora as E
 from moekern.compression.layerwise import stream_layers as s
-assert (QuantConfig, quantize_, load_quantized_folder, pack, measure, ExpertsLora, stream_layers) == (Q, q, l, p, m, E, s)
+old = (QuantConfig, quantize_, load_quantized_folder, pack, measure, ExpertsLora, stream_layers)
+assert old == (Q, q, l, p, m, E, s)
 assert hub.read_quantization_config is r and hub.load_quantized_folder is l
 messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
 for old, new in (("moekern.quant", "moekern.compression.slimming"), ("moekern.quant.layout", "moekern.formats.layout"),

@@ -169,7 +169,7 @@ def compress(model, recipe: "Recipe | str", calibration=None, order: str = "ST",
     per layer), batch_size, device (where each layer is calibrated). The recipe is checked against the model
     before any work (check_recipe) and recorded in decisions(model)["recipe"].
 
-    base_stats: TrimStats the caller measured (moekern.compression.trimming.stats.measure) on this very model, unchanged, and
+    base_stats: TrimStats the caller measured (trimming.stats.measure) on this very model, unchanged, and
     on the same calibration tensor; a trimming step that comes first uses them instead of measuring again if they
     were measured as it would measure them (record_tokens, batch_size, device, seed). Exact: it saves one pass per
     recipe when many recipes compress copies of one model (moekern.compression.shared).

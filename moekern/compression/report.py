@@ -4,7 +4,7 @@
     compress_report.json   the same for machines, with the similarities and expert scores measured before trimming
     similarity.png         S^(M) and S^(NM) per MoE layer and block input/output similarity (paper, Fig. 4)
     block_matrix.png       cosine similarity between the hidden states after every two blocks (paper, Fig. 7), when
-                           the statistics hold the block-wise matrix (moekern.compression.trimming.stats.measure(block_tokens=N))
+                           the statistics hold the block-wise matrix (trimming.stats.measure(block_tokens=N))
     dropped.png            mean expert scores, and which experts, MoE layers and blocks were dropped (Figs. 10, 12)
 
 The plots need the statistics of a trimming step; a recipe with only slimming gets the markdown and JSON. The same

@@ -2,8 +2,8 @@
 
 He et al. quantized with AutoAWQ (their App. A.2; their code vendors it: Unified-MoE-Compression, AutoAWQ/awq/models/
 mixtral.py and deepseek.py, AutoAWQ/awq/quantize/quantizer.py and scale.py, the same scheme as casper-hansen/AutoAWQ's
-awq/models/mixtral.py). moekern's own AWQ (moekern.compression.slimming.ffn) searches one scale per expert and weights each token by
-its routing weight; this module does what AutoAWQ does instead, per decoder layer, on the inputs the layer receives:
+awq/models/mixtral.py). moekern's own AWQ (ffn.py) searches one scale per expert and weights each token by its
+routing weight; this module does what AutoAWQ does instead, per decoder layer, on the inputs the layer receives:
 
  1. One per-channel scale s for every quantized linear that reads post_attention_layernorm's output: the gate and up
     of all routed experts, and of the shared experts (DeepSeek) or of a dense layer's MLP (get_layers_for_scaling:
@@ -25,7 +25,7 @@ its routing weight; this module does what AutoAWQ does instead, per decoder laye
  4. auto_clip: each quantized linear, every (row, group), max|w| shrunk by i/20 for the i < 10 with the lowest mean
     squared group output error on its own inputs (divided by the scale applied before it), 512 of them taken with
     stride T // 512 (_compute_best_clip); i = 0 (no clipping) unless another is strictly better.
- 5. Round to nearest (moekern.compression.slimming.rtn, the same grid as AutoAWQ's pseudo_quantize_tensor with zero_point).
+ 5. Round to nearest (rtn.py, the same grid as AutoAWQ's pseudo_quantize_tensor with zero_point).
 
 Where moekern differs, and why: the math is fp32 (AutoAWQ runs the module in fp16); w_mean is floored at 1e-12 so an
 all-zero input channel gives no NaN; the clip stride is at least 1 (the slice step T // 512 is 0, an error, for an
@@ -43,7 +43,7 @@ from moekern import targets
 from moekern.compression.slimming.linears import NormFold, replace_linear
 from moekern.compression.slimming.rtn import fake_quantize, pack, rtn
 
-MLP = "mlp"  # the name under which the MLP module's inputs are captured (moekern.compression.slimming.calibrate.LayerCapture)
+MLP = "mlp"  # the name under which the MLP module's inputs are captured (calibrate.LayerCapture)
 GRID = 20
 CLIP_TOKENS = 512
 CHUNK = 8192  # tokens per forward of the MLP module during the search

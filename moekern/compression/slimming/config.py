@@ -18,10 +18,10 @@ class QuantConfig:
                 width (hidden and intermediate sizes).
     act_order:  GPTQ only: process columns by decreasing Hessian diagonal. Groups stay the contiguous blocks of
                 `group_size` input channels (static groups), so g_idx is k // group_size and the kernel layout holds.
-    sym:        GPTQ only: AutoGPTQ's symmetric grid (zero point 8 in every group; moekern.compression.slimming.rtn.group_params).
+    sym:        GPTQ only: AutoGPTQ's symmetric grid (zero point 8 in every group; rtn.group_params).
     scheme:     "moekern" (default): AWQ and GPTQ judge a routed expert's error by the routing weights its tokens
-                gave it (moekern.compression.slimming.ffn). "autoawq" (AWQ): AutoAWQ's MoE scheme, one scale for every expert's
-                gate/up folded into the post-attention norm and judged on the whole MoE output (moekern.compression.slimming.autoawq).
+                gave it (ffn.py). "autoawq" (AWQ): AutoAWQ's MoE scheme, one scale for every expert's
+                gate/up folded into the post-attention norm and judged on the whole MoE output (autoawq.py).
                 "autogptq" (GPTQ): AutoGPTQ's defaults as He et al. ran them: act-order, the symmetric grid, and each
                 expert's Hessian over its routed tokens without routing weights.
     quantize_attention:      also quantize the attention projections (off by default, as the paper quantizes experts).

@@ -221,10 +221,12 @@ def number(text: str, raw: str, expected: str) -> float:
 
 
 def quant_configs(step: Step):
-    """moekern.compression.slimming's configs (QuantConfig, PruneConfig), or an error that says the build has no Expert Slimming."""
+    """The slimming methods' configs (QuantConfig, PruneConfig), or an error that says the build has no Expert
+    Slimming."""
     try:
         from moekern.compression.slimming import PruneConfig, QuantConfig
     except ImportError as exc:
         raise MoekernError(
-            f"step {step}: Expert Slimming (moekern.compression.slimming) is not available in this build ({exc})") from exc
+            f"step {step}: Expert Slimming (moekern.compression.slimming) is not available in this build "
+            f"({exc})") from exc
     return QuantConfig, PruneConfig

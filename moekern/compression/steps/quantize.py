@@ -77,7 +77,8 @@ class Quantize(SlimmingStep):
     def __str__(self):
         return (f"{self.method}{self.bits}" + ("" if self.group_size == DEFAULT_GROUP else f":g{self.group_size}")
                 + (":act" if self.act_order else "") + (":sym" if self.sym else "")
-                + ("" if self.scheme == "moekern" else f":{self.scheme}") + (":attn" if self.attention else "") + (":head" if self.lm_head else ""))
+                + ("" if self.scheme == "moekern" else f":{self.scheme}") + (":attn" if self.attention else "")
+                + (":head" if self.lm_head else ""))
 
     @property
     def needs_calibration(self):

@@ -26,7 +26,8 @@ import itertools
 import math
 
 from moekern import surgery
-from moekern.compression.trimming.stats import CHUNK_FLOATS, TrimStats, subset_errors  # noqa: F401 (subset_errors: its home was here)
+# subset_errors: its home was here
+from moekern.compression.trimming.stats import CHUNK_FLOATS, TrimStats, subset_errors  # noqa: F401
 from moekern.errors import MoekernError
 from moekern.models import family_of
 

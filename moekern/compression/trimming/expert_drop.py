@@ -3,7 +3,7 @@
     layer-wise   every MoE layer drops its n lowest-scoring experts                                    (eq. 10)
     global       n x (number of MoE layers) experts are dropped, the lowest scores over all layers      (eq. 11)
 
-Scores (TrimStats.layers[i], see moekern.compression.trimming.stats), compared across layers as they are, as in the paper:
+Scores (TrimStats.layers[i], see stats.py), compared across layers as they are, as in the paper:
     "softmax"    expert_scores: the mean routing probability over all experts (the authors' code for Mixtral and
                  Qwen: Unified-MoE-Compression, MixtralExpertDropWrapper)
     "topk"       expert_topk_scores: the mean of the top-k routing weights, 0 where the expert was not chosen (the
