@@ -148,7 +148,7 @@ def quantized(w1, w2):
 
 def quantize_rtn(w: torch.Tensor, group: int) -> moe_gemm.Quant4:
     """Round-to-nearest 4-bit in moekern's layout (only to have realistic 4-bit tensors to time)."""
-    from moekern.quant import layout
+    from moekern.formats import layout
 
     e, n, k = w.shape
     wg = w.float().reshape(e, n, k // group, group)
@@ -245,7 +245,7 @@ def run_case(shape: Shape, case: Case, device, dtype, check: bool, graphs: bool 
         got = fn().float()
         d1, d2 = w1, w2
         if case.backend == "triton4":
-            from moekern.quant import layout
+            from moekern.formats import layout
 
             q1, q2 = quantized(w1, w2)
             d1, d2 = (layout.dequantize(q.qweight, q.scales, q.zeros) for q in (q1, q2))

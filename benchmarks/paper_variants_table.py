@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from slimming_table import calibration_ids, evaluate  # noqa: E402 - the same calibration and scoring
 
-from moekern.compress.recipe import compress  # noqa: E402
-from moekern.eval.perplexity import token_windows  # noqa: E402
+from moekern.compression.recipe import compress  # noqa: E402
+from moekern.perplexity import token_windows  # noqa: E402
 from moekern.shipped import heldout_text, load_model  # noqa: E402
 
 RECIPES = {

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import moekern  # noqa: E402
 from moekern.bench.paper import machine, source_commit  # noqa: E402
-from moekern.compress.calibration import calibration_blocks  # noqa: E402
+from moekern.compression.calibration import calibration_blocks  # noqa: E402
 from moekern.serving.client import ServedModel  # noqa: E402
 from moekern.shipped import load_model  # noqa: E402
 

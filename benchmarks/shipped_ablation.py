@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moekern import surgery
-from moekern.eval.perplexity import mean_nll, token_windows
+from moekern.perplexity import mean_nll, token_windows
 from moekern.shipped import heldout_text, load_model
 
 

@@ -5,7 +5,7 @@ pruning (Wanda, SparseGPT; 50% unstructured and 2:4) of the experts.
         [--only rtn-g128,awq-g128] [--render benchmarks/results/slimming_table.json]
 
 Calibration: 32 windows of 256 tokens from the shipped training text (evenly spaced over it, so the choice is
-deterministic); evaluation: the whole held-out text (fp32, windows of 256): perplexity (as moekern.eval.perplexity),
+deterministic); evaluation: the whole held-out text (fp32, windows of 256): perplexity (as moekern.perplexity),
 and how far each compressed model's next-token distribution moved from the baseline's, KL(baseline || compressed)
 in nats per token (fidelity, which does not depend on whether a perturbation happens to favour the held-out tokens).
 "+-" is one standard error of the perplexity change, from the per-window NLL differences to the baseline (paired
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moekern.eval.perplexity import token_windows
-from moekern.quant import PruneConfig, QuantConfig, prune_, quantize_
+from moekern.perplexity import token_windows
+from moekern.compression.slimming import PruneConfig, QuantConfig, prune_, quantize_
 from moekern.shipped import heldout_text, load_model, train_text
 
 CALIBRATION_WINDOWS, SEQ_LEN = 32, 256

@@ -12,13 +12,15 @@ modules in `moekern.modules`, one adapter per model family in `moekern.models`, 
 
 from importlib import import_module
 
-from moekern import architectures
+from moekern import architectures, moved
 from moekern.errors import MoekernError
 from moekern.version import __version__
 
 # moekern's model types (checkpoints transformers' own classes cannot hold) join transformers' Auto classes as soon
 # as those are imported, without importing transformers here.
 architectures.install()
+# The old import paths of moved modules keep working, with a DeprecationWarning (moekern/moved.py).
+moved.install()
 
 # Imported on first use, so that `moekern --help` does not pay for importing transformers.
 _LAZY = {
@@ -30,8 +32,12 @@ _LAZY = {
     "remove_moe_layers": "moekern.surgery",
     "remove_blocks": "moekern.surgery",
     "set_skip_beta": "moekern.surgery",
-    "compress": "moekern.compress",  # the package is callable: moekern.compress(model, recipe, ...)
-    "finetune": "moekern.finetune",  # callable too: moekern.finetune(model, data, out, config, ...)
+    "compress": "moekern.compression.recipe",  # moekern.compress(model, recipe, ...): a compressed copy
+    "finetune": "moekern.finetuning.run",  # moekern.finetune(model, data, out, config, ...)
+    "quantize_": "moekern.compression.slimming.apply",  # torchao-style: quantize_(model, QuantConfig(...), ids)
+    "prune_": "moekern.compression.slimming.apply",
+    "QuantConfig": "moekern.compression.slimming.config",
+    "PruneConfig": "moekern.compression.slimming.config",
 }
 
 

@@ -2,8 +2,8 @@
 
 `load` is the one door through which the CLI and the library open a model folder: a moekern checkpoint is rebuilt
 from its recorded decisions, a published AutoAWQ / GPTQ folder is converted into moekern's 4-bit modules
-(moekern.quant.hub), and any other Hugging Face folder is read by transformers (load_pretrained). The folder itself
-(which one, its shards, tied weights, tokenizer) is read by moekern.model_files.
+(moekern.quantized_folders), and any other Hugging Face folder is read by transformers (load_pretrained). The folder
+itself (which one, its shards, tied weights, tokenizer) is read by moekern.model_files.
 """
 
 import json
@@ -39,12 +39,12 @@ def load_pretrained(
     **from_pretrained,
 ):
     """Load (model, tokenizer) of a plain Hugging Face folder with safetensors weights, in eval mode. A published
-    AutoAWQ (GEMM) or GPTQ checkpoint loads into moekern's 4-bit modules (moekern.quant.hub). Further keyword
+    AutoAWQ (GEMM) or GPTQ checkpoint loads into moekern's 4-bit modules (moekern.quantized_folders). Further keyword
     arguments go to transformers' from_pretrained (e.g. experts_implementation=)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moekern.quant.hub import is_quantized_folder, load_quantized_folder
+    from moekern.quantized_folders import is_quantized_folder, load_quantized_folder
 
     path = resolve_model_dir(source)
     if is_quantized_folder(path):
@@ -66,7 +66,8 @@ def load_pretrained(
     except (OSError, RuntimeError, SafetensorError) as exc:  # what safetensors raises for a corrupt shard
         raise MoekernError(f"could not load {str(path)!r}: {exc}. Is a weight shard missing or corrupt?") from exc
     folders.check_finite(model.state_dict().items(), f"weights of {str(path)!r}")
-    from moekern.models import FAMILIES, adopt
+    from moekern.models import FAMILIES
+    from moekern.surgery import adopt
 
     if getattr(model.config, "model_type", None) in FAMILIES:
         adopt(model)  # DeepSeek-MoE's remote blocks become moekern's (the output is unchanged)
@@ -186,7 +187,7 @@ def load(
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     family = family_of(model)
-    family.adopt(model)
+    surgery.adopt(model)
     if type(family).from_disk is Family.from_disk:
         state = hub_layout.state_from_disk(model, state)
     else:
@@ -233,12 +234,8 @@ def replay(model, d: dict, state: dict) -> None:
         if d["skip_beta"][original] is not None:
             surgery.set_skip_beta(model, {original: d["skip_beta"][original]})
     if d.get("quant"):  # the 4-bit modules, rebuilt from the names and shapes on disk, then assign-loaded
-        from moekern.quant.rebuild import rebuild_quantized
-
         rebuild_quantized(model, state)
     if d.get("lora_experts"):  # LoRA adapters kept beside 4-bit experts by moekern finetune
-        from moekern.finetune.lora import rebuild_expert_adapters
-
         rebuild_expert_adapters(model, d["lora_experts"], state)
 
 
@@ -247,3 +244,53 @@ def _stored_experts(state: dict, current_layer: int) -> int:
         if f"layers.{current_layer}.mlp.experts.gate_up_proj" in name and tensor.dim() == 3:
             return tensor.shape[0]
     raise MoekernError(f"the checkpoint has no experts for layer {current_layer}; it is corrupt")
+
+
+# The 4-bit modules of a saved quantized model, rebuilt on the freshly built (meta) model from the names and shapes of
+# its state dict, so that load_state_dict(assign=True) can fill them.
+def _buffers_under(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        name[len(prefix) :]: torch.empty_like(tensor, device="meta")
+        for name, tensor in state.items()
+        if name.startswith(prefix) and "." not in name[len(prefix) :]
+    }
+
+
+def rebuild_quantized(model, state: dict) -> int:
+    """Swap in QuantizedExperts / QuantizedLinear wherever the state holds 4-bit tensors; returns how many."""
+    from torch import nn
+
+    from moekern import targets
+    from moekern.models.base import expert_activation
+    from moekern.modules.quant import QuantizedExperts, QuantizedLinear
+
+    count = 0
+    for path, module in list(model.named_modules()):
+        if not path:
+            continue
+        if f"{path}.gate_up_proj_qweight" in state and hasattr(module, "gate_up_proj"):
+            buffers = _buffers_under(state, f"{path}.")
+            targets.set_module(model, path, QuantizedExperts(buffers, expert_activation(module)))
+            count += 1
+        elif f"{path}.qweight" in state and isinstance(module, nn.Linear):
+            targets.set_module(model, path, QuantizedLinear(_buffers_under(state, f"{path}.")))
+            count += 1
+    return count
+
+
+def rebuild_expert_adapters(model, spec: dict, state: dict) -> int:
+    """On a model being loaded (replay): an empty ExpertsLora wherever the state holds one, so that
+    load_state_dict(assign=True) fills it. spec: config.moekern["lora_experts"] ({"r", "alpha"})."""
+    from moekern.modules.lora import ATTR, PROJECTIONS, ExpertsLora
+
+    count = 0
+    for path, module in list(model.named_modules()):
+        key = f"{path}.{ATTR}."
+        names = {n[len(key):]: t for n, t in state.items() if n.startswith(key)}
+        if not names:
+            continue
+        shapes = {p: (names[f"{p}_B"].shape[0], names[f"{p}_B"].shape[1], names[f"{p}_A"].shape[2])
+                  for p in PROJECTIONS}
+        module.add_module(ATTR, ExpertsLora(shapes, int(spec["r"]), float(spec["alpha"]), device="meta"))
+        count += 1
+    return count

@@ -15,7 +15,7 @@ in-memory names as they are), so older folders keep loading.
 
 moekern's 4-bit experts (QuantizedExperts: `gate_up_proj_qweight [E, K/8, 2I]`, `_scales`, `_zeros`,
 `_input_scale`, stacked) go where the family's 16-bit experts go: per expert, each under the name of the 16-bit
-weight it replaces with `.weight` swapped for the part, in moekern's own packing (moekern/quant/layout.py: qweight
+weight it replaces with `.weight` swapped for the part, in moekern's own packing (moekern/formats/layout.py: qweight
 int32 [K/8, N], scales [K/G, N], zeros uint8 [K/G, N], input_scale [K]), e.g.
 
     model.layers.0.block_sparse_moe.experts.3.w1.qweight      int32 [H/8, I]   (gate of expert 3)
@@ -25,7 +25,7 @@ and stacked where the family's hub layout stacks them (GPT-OSS: `mlp.experts.gat
 transformers' own: the parts are handed to its conversion as stand-ins of the 16-bit weights. A per-expert layout
 keeps one numbering of experts for the 16-bit and the 4-bit checkpoints, and is what vLLM's expert loader reads;
 `zeros` (not AutoAWQ's packed `qzeros`) and the moekern model_type in config.json keep it from being mistaken for
-an AutoAWQ or GPTQ checkpoint (moekern.quant.hub writes those).
+an AutoAWQ or GPTQ checkpoint (moekern.quantized_folders writes those).
 """
 
 import copy

@@ -1,5 +1,5 @@
 """Reading a local model folder, for every loader of moekern (moekern.load, the AutoAWQ / GPTQ import of
-moekern.quant.hub): which folder a name means, its weight shards, the tied weights safetensors stores once, the
+moekern.quantized_folders): which folder a name means, its weight shards, the tied weights safetensors stores once, the
 buffers a model built on the meta device lacks, and its tokenizer. Writing folders is moekern.folders'.
 
 Only local folders, only safetensors: nothing is downloaded, nothing unpickled.
@@ -148,3 +148,30 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def write_weights(tensors: dict, folder: Path, max_shard_bytes: int | None = None) -> None:
+    """Write tensors as model.safetensors, or as shards of at most max_shard_bytes with model.safetensors.index.json
+    (the names transformers' save_pretrained writes)."""
+    from safetensors.torch import save_file
+
+    if max_shard_bytes is None:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensors[key]
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -9,10 +9,10 @@ import torch
 def describe(model: torch.nn.Module) -> dict:
     """Sizes of a causal LM: all parameters, the routed experts' share, and the bytes its weights take.
 
-    Tied weights count once. A packed 4-bit weight (moekern.quant.layout: the `qweight` buffers) counts as the weights
+    Tied weights count once. A packed 4-bit weight (moekern.formats.layout: the `qweight` buffers) counts as the weights
     it holds, so quantization leaves the parameter count as it was; weight_bytes is every tensor of the state dict
     (packed weights, scales and zeros included), each storage once: the memory the weights take."""
-    from moekern.quant.layout import PACK  # 4-bit values per stored int32
+    from moekern.formats.layout import PACK  # 4-bit values per stored int32
 
     cfg = model.config
     weights = dict(model.named_parameters())  # tied weights appear once

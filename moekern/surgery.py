@@ -1,6 +1,6 @@
 """Structural edits that compression decides on, each recorded in `model.config.moekern` in the original layer and
 expert numbering (the names other tools read: dropped_blocks, dropped_moe_layers, kept_experts, skip_beta, quant,
-recipe). They change the model in place; the methods of moekern.compress choose what to pass them.
+recipe). They change the model in place; the methods of moekern.compression choose what to pass them.
 
     drop_experts(model, {layer: kept_ids})   Expert Drop: keep only these experts (weights sliced, or masked)
     remove_moe_layers(model, layers)         Layer Drop: the layer's post-attention norm and MoE are removed
@@ -60,9 +60,29 @@ def _layer(model, original: int) -> nn.Module:
     return decoder_layers(model)[ids.index(original)]
 
 
+def adopt(model):
+    """Bring a model into the layout moekern works on: nothing for transformers' own families; the MoE blocks of an
+    own_blocks family (DeepSeek-MoE's remote code) become MoEBlocks over stacked experts (idempotent). Every entry
+    point calls it; it returns the model."""
+    family = family_of(model)
+    if not family.own_blocks:
+        return model
+    from moekern.modules.stacked import StackedExperts
+
+    original = None
+    for layer in model.get_decoder().layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or isinstance(mlp, MoEBlock) or not family.is_own_block(mlp):
+            continue
+        original = original or decisions_of(model, family)["original_num_experts"]
+        mlp.experts = StackedExperts(mlp.experts)
+        layer.mlp = MoEBlock(mlp, family, model.config, original)
+    return model
+
+
 def moe_block(model, original: int) -> MoEBlock:
     """The layer's MoE as a MoEBlock, swapping one in for the HF block the first time its state changes."""
-    family_of(model).adopt(model)
+    adopt(model)
     layer = _layer(model, original)
     if isinstance(layer.mlp, MoEBlock):
         return layer.mlp

@@ -26,7 +26,7 @@ from moekern.errors import MoekernError
     (dict(order="XS"), ["order must be 'ST'"]),
 ])
 def test_compress_refuses_bad_options_before_any_work(monkeypatch, options, words):
-    from moekern.compress import calibration
+    from moekern.compression import calibration
 
     def no_work(*args, **kwargs):
         raise AssertionError("calibration started")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moekern.compress.calibration import calibration_blocks, read_documents
+from moekern.compression.calibration import calibration_blocks, read_documents
 from moekern.errors import MoekernError
 
 DOCS = [f"Document number {i} talks about the with statement and context managers, line {i}." * 3 for i in range(12)]

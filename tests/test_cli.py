@@ -44,7 +44,7 @@ def test_a_folder_that_is_not_a_model(tmp_path):
 
 
 def test_info_reports_the_shipped_model(tmp_path, shipped):
-    from moekern.eval.perplexity import perplexity
+    from moekern.perplexity import perplexity
     from moekern.shipped import heldout_text
 
     result = moekern("info", "--ppl-tokens", "1024", "--max-new-tokens", "8", "--json", str(tmp_path / "info.json"))

@@ -24,7 +24,7 @@ from moekern import surgery
 from moekern.modules.quant import QuantizedExperts
 from moekern.ops import backend, cpu
 from moekern.patching import patch
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGITS_BOUND = 2e-2
@@ -139,7 +139,7 @@ sys.path.insert(0, {tests!r})
 from tiny_models import tiny_model
 from moekern.ops import backend, reference
 from moekern.patching import patch
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 model = tiny_model("mixtral")
 quantize_(model, QuantConfig("rtn", group_size=8))
 patch(model)

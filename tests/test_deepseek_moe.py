@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import moekern
 from moekern import surgery
 from moekern.cli import main
-from moekern.compress.recipe import run_recipe
+from moekern.compression.recipe import run_recipe
 from moekern.errors import MoekernError
 from moekern.modules.moe import MoEBlock
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 from moekern.shipped import MODEL_DIR
 
 REMOTE = Path(__file__).parent / "deepseek_moe_remote"

@@ -20,8 +20,8 @@ def test_eval_offline_tasks_on_the_shipped_model(tmp_path, capsys):
     assert mc["metric"] == "acc" and 0.0 <= mc["value"] <= 1.0 and mc["n"] == 4 and mc["recipe"] == "none"
     assert ppl["metric"] == "perplexity" and ppl["n"] == 4 * harness.PPL_SEQ_LEN
 
-    # the same number as moekern.eval.perplexity on the same windows
-    from moekern.eval.perplexity import perplexity
+    # the same number as moekern.perplexity on the same windows
+    from moekern.perplexity import perplexity
     from moekern.shipped import heldout_text, load_model
 
     model, tokenizer = load_model()

@@ -11,8 +11,8 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 import moekern
-from moekern.quant import QuantConfig, quantize_
-from moekern.quant.hub import load_quantized_folder, save_quantized_folder
+from moekern.compression.slimming import QuantConfig, quantize_
+from moekern.quantized_folders import load_quantized_folder, save_quantized_folder
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 import moekern
 from moekern import surgery
 from moekern.errors import MoekernError
-from moekern.finetune import FinetuneConfig, LoraSpec
-from moekern.finetune.data import IGNORE, PROMPT_NO_INPUT, load_examples
-from moekern.finetune.lora import ATTR, ExpertsLora, attach, unload
-from moekern.finetune.run import finetune
+from moekern.finetuning import FinetuneConfig, LoraSpec
+from moekern.finetuning.data import IGNORE, PROMPT_NO_INPUT, load_examples
+from moekern.finetuning.lora import ATTR, ExpertsLora, attach, unload
+from moekern.finetuning.run import finetune
 from moekern.modules.quant import QuantizedExperts
 
 TEXT = "\n".join(f"The with statement number {i} calls __enter__ and then __exit__ of the context manager {i % 5}."
@@ -151,7 +151,7 @@ def test_train_router_trains_it_with_the_models_aux_loss(tmp_path, tokenizer):
 
 
 def test_qlora_keeps_4bit_weights_bit_identical_and_reloads_with_its_adapters(tmp_path, tokenizer):
-    from moekern.quant import QuantConfig, quantize_
+    from moekern.compression.slimming import QuantConfig, quantize_
 
     model = small(num_hidden_layers=3)
     surgery.remove_blocks(model, [1])
@@ -182,7 +182,7 @@ def test_qlora_keeps_4bit_weights_bit_identical_and_reloads_with_its_adapters(tm
 
 
 def test_qlora_merge_rounds_onto_the_4bit_grid(tmp_path, tokenizer):
-    from moekern.quant import QuantConfig, quantize_
+    from moekern.compression.slimming import QuantConfig, quantize_
 
     model = small(num_hidden_layers=2)
     quantize_(model, QuantConfig("rtn", group_size=8))
@@ -223,7 +223,7 @@ def test_lora_forward_equals_the_merged_model(family):
 
 def test_qlora_forward_and_gradient_match_the_dequantized_reference():
     from moekern.ops import reference
-    from moekern.quant import QuantConfig, quantize_
+    from moekern.compression.slimming import QuantConfig, quantize_
 
     model = tiny_model("mixtral")
     quantize_(model, QuantConfig("awq", group_size=8), calibration=torch.randint(3, 97, (4, 16)))

@@ -1,5 +1,5 @@
-"""Whole AutoAWQ / GPTQ checkpoint folders of MoE models (moekern.quant.hub): folders written here by the published
-formats' rules (packed bit by bit in this file, transformers 4 per-expert names) load into moekern's 4-bit modules
+"""Whole AutoAWQ / GPTQ checkpoint folders of MoE models (moekern.quantized_folders): folders written here by the
+published formats' rules (packed bit by bit in this file, transformers 4 per-expert names) load into moekern's 4-bit modules
 with the exact codes and grid, and give the RTN model's logits; moekern's exporter writes the same tensors; bad
 folders are refused with the reason."""
 
@@ -13,8 +13,9 @@ from tiny_models import tiny_model
 import moekern
 from moekern.errors import MoekernError
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
-from moekern.quant import QuantConfig, layout, quantize_
-from moekern.quant.hub import is_quantized_folder, load_quantized_folder, save_quantized_folder
+from moekern.compression.slimming import QuantConfig, quantize_
+from moekern.formats import layout
+from moekern.quantized_folders import is_quantized_folder, load_quantized_folder, save_quantized_folder
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds output column 8c + AWQ_ORDER[i]
 GROUP = 8

@@ -18,7 +18,7 @@ import moekern
 from moekern import surgery
 from moekern.errors import MoekernError
 from moekern.hub_layout import state_for_disk, state_from_disk
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 
 OLD_LAYOUT = Path(__file__).parent / "data" / "old_layout"
 ROOT = Path(__file__).parents[1]

@@ -3,7 +3,7 @@
 import torch
 from tiny_models import rel_err, tiny_model
 
-from moekern.layerwise import stream_layers
+from moekern.compression.layerwise import stream_layers
 
 
 def test_streamed_layers_give_the_models_hidden_states():
@@ -56,7 +56,7 @@ def test_each_layer_gets_its_own_attention_mask():
     for index, (got, want) in enumerate(zip(seen, expected, strict=True)):
         assert rel_err(got, want) <= 1e-5, f"layer {index} ({model.config.layer_types[index]})"
     # the check has teeth: the full-attention layer given the sliding layer's mask computes something else
-    from moekern.layerwise import call_layer, layer_inputs
+    from moekern.compression.layerwise import call_layer, layer_inputs
 
     ((_, per_layer),) = layer_inputs(model, ids, batch_size=3)
     with torch.no_grad():

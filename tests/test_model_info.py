@@ -4,7 +4,7 @@ import torch
 from tiny_models import tiny_model
 
 from moekern.model_info import describe
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 
 
 def test_describe_counts_packed_4bit_weights():

@@ -11,7 +11,7 @@ from moekern.modules import experts as experts_module
 from moekern.modules.quant import QuantizedExperts
 from moekern.ops import backend, cpu
 from moekern.patching import patch
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 
 
 pytestmark = pytest.mark.usefixtures("on_test_device")

@@ -20,7 +20,7 @@ import torch
 
 from moekern.ops import cpu
 from moekern.ops import reference as R
-from moekern.quant import layout
+from moekern.formats import layout
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
 
@@ -189,6 +189,33 @@ def test_dense_gpt_oss_transposed_with_biases(isa):
     ids, weights = random_routing(tokens, experts, k, 0.3)
     expected = R.moe_experts(x, ids, weights, w1, w2, b1, b2, act)
     assert rel(cpu.moe_experts_dense(x, ids, weights, w1, w2, b1, b2, act), expected) <= FP32_BOUND
+
+
+# Experts large enough that the decode path splits each one's k-blocks in several items, which the threads claim one
+# at a time, and sums the items' partials in pieces of columns (widths past a whole piece): the cases above are
+# small enough to run on the calling thread in one item an expert.
+CASES_4BIT_SPLIT = [
+    (2, 3, 1152, 1040, 2, 16, 0.0, True, False, "clamped_swiglu"),
+    (3, 4, 1024, 1024, 2, 128, 0.3, True, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("case", CASES_4BIT_SPLIT, ids=lambda c: f"T{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-g{c[5]}-{c[9]}")
+@pytest.mark.parametrize("isa,inner", VARIANTS)
+def test_4bit_moe_decode_items_split_among_threads(isa, inner, case, monkeypatch):
+    test_4bit_moe_equals_reference(isa, inner, case, monkeypatch)
+
+
+@pytest.mark.parametrize("inner", ["int8", "fp32"])
+def test_4bit_linear_split_among_threads(isa, inner, monkeypatch):
+    """One row through a Linear wide enough for several items and pieces: the decode path's sums [rows, N]."""
+    monkeypatch.setenv("MOEKERN_CPU_INNER", inner)
+    (packed, w) = quant4(1, 1040, 1024, 64)
+    weight = tuple(t[0] for t in packed)
+    x, bias = torch.randn(1, 1024), torch.randn(1040)
+    got = cpu.linear_4bit(x, weight, bias)
+    assert rel(got, torch.nn.functional.linear(x, w[0], bias)) <= (FP32_BOUND if inner == "fp32" else INT8_BOUND)
+    assert torch.equal(got, cpu.linear_4bit(x, weight, bias)), "not deterministic"
 
 
 @pytest.mark.parametrize("inner", ["int8", "fp32"])

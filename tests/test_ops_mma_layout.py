@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekern.ops import moe_gemm
-from moekern.quant import layout
+from moekern.formats import layout
 
 
 def documented_place(n, k, kwidth):

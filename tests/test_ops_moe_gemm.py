@@ -11,7 +11,7 @@ import torch
 
 from moekern.ops import moe_gemm, routing, tuning
 from moekern.ops import reference as R
-from moekern.quant import layout
+from moekern.formats import layout
 
 
 pytestmark = pytest.mark.usefixtures("on_test_device", "poisoned_kernel_outputs")

@@ -14,7 +14,7 @@ from forked import run_forked
 from tiny_models import tiny_model
 
 import moekern
-from moekern import cli, folders
+from moekern import cli, folders, runs
 from moekern.errors import MoekernError
 from moekern.shipped import MODEL_DIR
 
@@ -25,7 +25,7 @@ def no_work(monkeypatch):
     def loading(args):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(cli.common, "load_from_args", loading)
+    monkeypatch.setattr(runs, "load_from_args", loading)
     from moekern.bench import harness as bench_cli
 
     monkeypatch.setattr(bench_cli, "load_model", loading)

@@ -101,8 +101,8 @@ def test_paper_report_numbers_come_from_the_records(paper_run):
 def test_paper_statistics_are_shared_exactly(paper_run, shipped):
     """The rows reuse one calibration pass; the decisions are those of compressing from scratch."""
     import moekern
-    from moekern.compress.calibration import calibration_blocks
-    from moekern.compress.recipe import run_recipe
+    from moekern.compression.calibration import calibration_blocks
+    from moekern.compression.recipe import run_recipe
 
     lines = records(paper_run / "paper.jsonl")
     models = {r["row"]: r for r in lines if r["kind"] == "model"}
@@ -127,7 +127,7 @@ def test_paper_statistics_are_shared_exactly(paper_run, shipped):
 
 
 def test_block_matrix_matches_an_independent_computation():
-    from moekern.compress.stats import measure
+    from moekern.compression.trimming.stats import measure
 
     model = tiny_model("mixtral")  # 3 layers
     ids = torch.randint(3, 97, (5, 12), generator=torch.Generator().manual_seed(1))
@@ -168,8 +168,8 @@ def test_block_matrix_matches_an_independent_computation():
 
 
 def test_run_recipe_reuses_statistics_only_when_exact():
-    from moekern.compress.recipe import run_recipe
-    from moekern.compress.stats import measure
+    from moekern.compression.recipe import run_recipe
+    from moekern.compression.trimming.stats import measure
 
     model = tiny_model("mixtral")
     ids = torch.randint(3, 97, (4, 12), generator=torch.Generator().manual_seed(2))

@@ -12,8 +12,8 @@ import torch
 
 from moekern import surgery
 from moekern.cli import main
-from moekern.compress.calibration import calibration_blocks
-from moekern.compress.recipe import run_recipe
+from moekern.compression.calibration import calibration_blocks
+from moekern.compression.recipe import run_recipe
 from moekern.eval import harness
 
 SETTINGS = ["--recipes", "none", "--samples", "4", "--seq-len", "32", "--context", "16", "--batch-sizes", "1",
@@ -22,7 +22,7 @@ SETTINGS = ["--recipes", "none", "--samples", "4", "--seq-len", "32", "--context
 
 def direct_scores(model, tokenizer) -> dict:
     """Perplexity and next-token accuracy of the model on the first two held-out windows of 64 tokens."""
-    from moekern.eval.perplexity import token_windows
+    from moekern.perplexity import token_windows
     from moekern.shipped import heldout_text
 
     windows = token_windows(tokenizer, heldout_text(), 64, max_tokens=128)
@@ -124,8 +124,8 @@ def test_table_rows_share_their_slimming_step_exactly(shipped, monkeypatch):
 
     import moekern
     from moekern.bench import paper_extras
-    from moekern.compress import recipe as recipe_module
-    from moekern.compress.stats import measure
+    from moekern.compression import recipe as recipe_module
+    from moekern.compression.trimming.stats import measure
 
     model, tokenizer = shipped
     ids = calibration_blocks(tokenizer, None, 4, 32, 0)

@@ -8,9 +8,9 @@ from tiny_models import rel_err, tiny_model
 import moekern
 from moekern import surgery
 from moekern.errors import MoekernError
-from moekern.quant import PruneConfig, prune_
-from moekern.quant.hessian import hessian
-from moekern.quant.prune import sparsegpt, wanda
+from moekern.compression.slimming import PruneConfig, prune_
+from moekern.compression.slimming.hessian import hessian
+from moekern.compression.slimming.prune import sparsegpt, wanda
 
 
 def correlated(t=512, k=64):

@@ -6,11 +6,11 @@ import torch
 from tiny_models import tiny_model
 
 from moekern.ops.reference import Activation
-from moekern.quant import awq
-from moekern.quant.apply import _NormFold
-from moekern.quant.calibrate import LayerCapture, calibrated_layers
-from moekern.quant.ffn import quantize_ffn
-from moekern.quant.rtn import fake_quantize
+from moekern.compression.slimming import awq
+from moekern.compression.slimming.apply import _NormFold
+from moekern.compression.slimming.calibrate import LayerCapture, calibrated_layers
+from moekern.compression.slimming.ffn import quantize_ffn
+from moekern.compression.slimming.rtn import fake_quantize
 
 
 def weighted_output_error(x, w, w_hat, r):
@@ -78,7 +78,7 @@ def test_capture_records_the_routing_weight_of_each_token():
     layer add up to the number of tokens, and each is in (0, 1]."""
     model = tiny_model("mixtral", num_hidden_layers=1)
     ids = torch.randint(3, 97, (3, 10))
-    from moekern.quant import targets
+    from moekern import targets
 
     for _, layer, capture in calibrated_layers(model, ids, lambda layer: (targets.routed_experts(layer), {}),
                                                desc="test", batch_size=2):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moekern.errors import MoekernError
-from moekern.quant import formats, layout
+from moekern.formats import layout, published as formats
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack order: nibble i of a word holds output column 8c + order[i]
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from moekern.errors import MoekernError
-from moekern.quant import awq
-from moekern.quant.gptq import gptq
-from moekern.quant.hessian import hessian
-from moekern.quant.rtn import dequantize_codes, fake_quantize, rtn
+from moekern.compression.slimming import awq
+from moekern.compression.slimming.gptq import gptq
+from moekern.compression.slimming.hessian import hessian
+from moekern.compression.slimming.rtn import dequantize_codes, fake_quantize, rtn
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -94,7 +94,7 @@ def test_awq_on_an_expert_folds_its_scales_exactly(act):
     """AWQ on a whole expert: down's scale folded into the up rows (SiLU) or kept as an input scale (GPT-OSS);
     gate_up's as an input scale. A wrong fold would show as a large output error; a right one beats RTN."""
     from moekern.ops.reference import Activation
-    from moekern.quant.ffn import quantize_ffn
+    from moekern.compression.slimming.ffn import quantize_ffn
 
     hidden, inter = 128, 64
     x = torch.randn(512, hidden)
@@ -114,7 +114,7 @@ def test_gptq_on_an_expert_weights_tokens_by_their_routing_weight():
     sum_t r_t^2 x_t x_t^T: tokens of weight 0 count for nothing (the same weights as without them), and the others
     change the result."""
     from moekern.ops.reference import Activation
-    from moekern.quant.ffn import quantize_ffn
+    from moekern.compression.slimming.ffn import quantize_ffn
 
     hidden, inter, kept, ignored = 32, 16, 40, 24
     x = torch.randn(kept + ignored, hidden)

@@ -11,8 +11,8 @@ import moekern
 from moekern import surgery
 from moekern.errors import MoekernError
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
-from moekern.quant import PruneConfig, QuantConfig, prune_, quantize_
-from moekern.quant.calibrate import LayerCapture
+from moekern.compression.slimming import PruneConfig, QuantConfig, prune_, quantize_
+from moekern.compression.slimming.calibrate import LayerCapture
 
 
 def calibration(n=4, length=16, seed=0):

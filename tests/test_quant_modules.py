@@ -13,7 +13,8 @@ from moekern import surgery
 from moekern.modules.experts import experts_forward
 from moekern.modules.quant import QuantizedExperts, QuantizedLinear
 from moekern.ops.reference import NO_EXPERT, Activation, moe_experts
-from moekern.quant import QuantConfig, layout, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
+from moekern.formats import layout
 
 
 @pytest.fixture(autouse=True)

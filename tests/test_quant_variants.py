@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from tiny_models import tiny_model
 
 from moekern import surgery
-from moekern.compress.recipe import run_recipe
-from moekern.quant import PruneConfig, QuantConfig, prune_, quantize_
-from moekern.quant.gptq import gptq
-from moekern.quant.hessian import hessian
-from moekern.quant.rtn import dequantize_codes, group_params
+from moekern.compression.recipe import run_recipe
+from moekern.compression.slimming import PruneConfig, QuantConfig, prune_, quantize_
+from moekern.compression.slimming.gptq import gptq
+from moekern.compression.slimming.hessian import hessian
+from moekern.compression.slimming.rtn import dequantize_codes, group_params
 
 
 def autogptq_params(w: torch.Tensor, sym: bool):

@@ -12,10 +12,10 @@ from tiny_models import tiny_model
 
 import moekern
 from moekern import surgery
-from moekern.compress.depth_drop import layer_drop
-from moekern.compress.recipe import (BlockDrop, EnumPrune, ExpertDrop, LayerDrop, Prune, Quantize, Recipe, Skip,
+from moekern.compression.trimming.depth_drop import layer_drop
+from moekern.compression.recipe import (BlockDrop, EnumPrune, ExpertDrop, LayerDrop, Prune, Quantize, Recipe, Skip,
                                      check_recipe, run_recipe)
-from moekern.compress.stats import measure
+from moekern.compression.trimming.stats import measure
 from moekern.errors import MoekernError
 
 
@@ -30,6 +30,7 @@ from moekern.errors import MoekernError
     ("block-drop=1:iterative", "block-drop=1:iterative"),
     ("rtn4:attn+skip", "rtn4:attn+skip"),
     ("gptq4:attn:autogptq:g64", "gptq4:g64:autogptq:attn"),
+    ("rtn4:head:attn", "rtn4:attn:head"),
 ])
 def test_parse_and_format_round_trip(text, canonical):
     recipe = Recipe.parse(text)
@@ -112,7 +113,8 @@ def test_allow_fewer_lets_experts_go_below_top_k():
 
 
 def test_slimming_says_when_moekern_quant_is_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "moekern.quant", None)  # import moekern.quant now raises ImportError
+    # importing the slimming methods now raises ImportError
+    monkeypatch.setitem(sys.modules, "moekern.compression.slimming", None)
     with pytest.raises(MoekernError, match="not available in this build"):
         moekern.compress(tiny_model("mixtral"), "awq4+layer-drop=1", calibration=torch.randint(3, 97, (2, 8)))
 
@@ -168,6 +170,36 @@ def test_attn_quantizes_the_attention_projections_too(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected)
     assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 4 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_quantizes_the_lm_head_too(tmp_path, tied):
+    """:head puts a 4-bit lm_head (RTN) in place; a tied one gets its own 4-bit copy, the embedding stays as it was,
+    and the saved model reloads with the same logits."""
+    from moekern.compression.slimming.rtn import fake_quantize
+    from moekern.modules.quant import QuantizedLinear
+
+    model = tiny_model("mixtral", intermediate_size=32, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    head = model.lm_head.weight.detach().clone()
+    ids = torch.randint(3, 97, (2, 6))
+    out = moekern.compress(model, "rtn4:g32:head")
+    assert isinstance(out.lm_head, QuantizedLinear) and isinstance(model.lm_head, torch.nn.Linear)  # a copy
+    assert torch.equal(out.model.embed_tokens.weight, embedding) and not out.config.tie_word_embeddings
+    assert model.config.tie_word_embeddings == tied  # the source model is left as it was
+    hidden = torch.randn(3, head.shape[1])
+    with torch.no_grad():  # what the 4-bit lm_head computes: RTN's dequantized weight (the CPU kernel rounds its
+        # activations to int8 per block of 32: about 0.5% of the output's norm)
+        want = hidden @ fake_quantize(head, 32).T
+        assert (out.lm_head(hidden) - want).norm() <= 0.02 * want.norm()
+        expected = out(ids).logits
+    assert surgery.decisions(out)["recipe"] == "rtn4:g32:head"
+    moekern.save(out, tmp_path / "out")
+    loaded, _ = moekern.load(tmp_path / "out")
+    assert isinstance(loaded.lm_head, QuantizedLinear) and torch.equal(loaded.model.embed_tokens.weight, embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
 
 
 def test_a_recipe_without_calibration_data_says_how_to_give_it():

@@ -9,7 +9,7 @@ from tiny_models import tiny_model
 import moekern
 from moekern import surgery
 from moekern.cli import main
-from moekern.quant import QuantConfig, quantize_
+from moekern.compression.slimming import QuantConfig, quantize_
 from moekern.serving.server import flag_value
 
 

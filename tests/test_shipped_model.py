@@ -7,7 +7,7 @@ import torch
 from tiny_models import rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moekern.eval.perplexity import perplexity
+from moekern.perplexity import perplexity
 from moekern.patching import patch, unpatch
 from moekern.shipped import MODEL_DIR, heldout_text
 

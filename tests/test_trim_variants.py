@@ -16,10 +16,10 @@ from tiny_models import tiny_model
 
 from moekern import surgery
 from moekern.cli import main
-from moekern.compress import enum_prune as enum_module
-from moekern.compress.calibration import read_documents
-from moekern.compress.recipe import Recipe, run_recipe
-from moekern.compress.stats import measure
+from moekern.compression.trimming import enum_prune as enum_module
+from moekern.compression.calibration import read_documents
+from moekern.compression.recipe import Recipe, run_recipe
+from moekern.compression.trimming.stats import measure
 from moekern.errors import MoekernError
 
 
@@ -173,7 +173,7 @@ def test_enumeration_that_cannot_fit_in_memory_is_refused_before_work(monkeypatc
     ids = calibration()
     monkeypatch.setattr(enum_module, "available_memory", lambda: 10_000_000)
     calls = []
-    monkeypatch.setattr("moekern.compress.stats.measure", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("moekern.compression.trimming.stats.measure", lambda *a, **k: calls.append(1))
     with pytest.raises(MoekernError, match=r"C\(6, 4\) = 15 subsets per layer.*memory"):
         run_recipe(model, "enum-prune=4:all", ids)
     assert not calls  # refused before any calibration pass

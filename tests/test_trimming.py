@@ -11,11 +11,11 @@ import torch
 from tiny_models import tiny_model
 
 from moekern import surgery
-from moekern.compress.depth_drop import block_drop, layer_drop
-from moekern.compress.enum_prune import enum_prune
-from moekern.compress.expert_drop import choose_kept_experts, expert_drop
-from moekern.compress.skip import dynamic_skip, skip_thresholds
-from moekern.compress.stats import LayerStats, TrimStats, measure
+from moekern.compression.trimming.depth_drop import block_drop, layer_drop
+from moekern.compression.trimming.enum_prune import enum_prune
+from moekern.compression.trimming.expert_drop import choose_kept_experts, expert_drop
+from moekern.compression.trimming.skip import dynamic_skip, skip_thresholds
+from moekern.compression.trimming.stats import LayerStats, TrimStats, measure
 from moekern.errors import MoekernError
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]

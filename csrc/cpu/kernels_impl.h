@@ -682,12 +682,19 @@ static void stream_int8_columns(const uint8_t* qb, int64_t ldq, int64_t steps, c
   }
 }
 
-// Each visit of a k-step row reads TJ lines side by side and prefetches each of them MK_STREAM_AHEAD bytes on: the
-// hardware prefetcher alone fell behind on the steps' several streams (prefetching only one line of the TJ, Mixtral's
-// layer at one token read 12-15 GB/s; all of them, 16-18 GB/s, with the machine's read probe at 16-20 GB/s).
+// Each visit of a k-step row reads TJ lines side by side and prefetches each of them MK_STREAM_AHEAD bytes on, into
+// L2 (MK_STREAM_HINT): the hardware prefetcher alone falls behind on the steps' several streams. Into L1 (T0, 1 KiB
+// on) the same prefetches cost time: interleaved in one run on Mixtral's layer at one token, T1 2 KiB on took 0.85x
+// of T0 1 KiB's time (0.83x on Qwen3-30B-A3B's), and no prefetch at all 0.91x (0.94x).
 #ifndef MK_STREAM_AHEAD
-#define MK_STREAM_AHEAD 1024
+#define MK_STREAM_AHEAD 2048
 #endif
+#define MK_STREAM_HINT _MM_HINT_T1
+// Where a k-block's rows are short (a small expert's: 4N = 6-16 KiB), the prefetches go to the same place in the next
+// block instead (steps * 4N bytes on): 2 KiB on would run into the block's own next row, and the next block's rows
+// would each start on demand misses. Interleaved A/B in one run, cold caches, one token: 0.84-0.90x the time on the
+// Qwen3-30B-A3B, OLMoE and DeepSeek-V2-Lite shapes, 0.96x on Mixtral's (its down: 64 KiB blocks).
+#define MK_NEXT_BLOCK_SPAN (64 << 10)
 #if MOEKERN_ISA_LEVEL >= 3
 // TJ tiles side by side (TJ * 64 contiguous bytes of each qweight row), the low and the high nibbles in their own
 // accumulators: 2 * TJ * MB independent vpdpbusd chains, where one chain per tile would wait on the instruction's
@@ -695,14 +702,14 @@ static void stream_int8_columns(const uint8_t* qb, int64_t ldq, int64_t steps, c
 template <int MB, int TJ>
 static inline void stream_int8_group(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
                                      const uint8_t* zrow, int64_t k0, const TileRows& x, const __m512i* xi,
-                                     const __m512* xs, float* acc, int64_t N, int64_t j0) {
+                                     const __m512* xs, float* acc, int64_t N, int64_t j0, int64_t ahead) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512i lo[MB][TJ], hi[MB][TJ];
   for (int m = 0; m < MB; ++m)
     for (int t = 0; t < TJ; ++t) lo[m][t] = hi[m][t] = _mm512_setzero_si512();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* row = qb + st * ldq + j0 * 64;
-    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + ahead + t * 64), MK_STREAM_HINT);
     __m512i a0[MB], a1[MB];
     for (int m = 0; m < MB; ++m) {
       int32_t v0, v1;
@@ -738,17 +745,21 @@ template <int MB>
 static void stream_int8_tiles(const uint8_t* qb, int64_t ldq, int64_t steps, const void* srow, int sdt,
                               const uint8_t* zrow, int64_t k0, int64_t blk, const TileRows& x, float* acc, int64_t N,
                               int64_t tiles) {
-  constexpr int TJ = MB <= 2 ? 4 : 2;
+  // Tiles a visit takes, by rows: 2 * TJ * MB accumulators and 2 * MB broadcasts in the 32 vector registers. Fewer
+  // tiles for 2-4 rows measured faster (1 thread, weights in the caches: 4 rows at TJ = 2 took 1.3-1.7x the time of
+  // TJ = 1, 2 rows at TJ = 4 about 1.3x that of TJ = 2).
+  constexpr int TJ = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   __m512i xi[MB];
   __m512 xs[MB];
   for (int m = 0; m < MB; ++m) {
     xi[m] = _mm512_set1_epi32(x.xi[m][blk]);
     xs[m] = _mm512_set1_ps(x.xs[m][blk]);
   }
+  const int64_t ahead = steps * ldq <= MK_NEXT_BLOCK_SPAN ? steps * ldq : MK_STREAM_AHEAD;
   int64_t j = 0;
   for (; j + TJ <= tiles; j += TJ)
-    stream_int8_group<MB, TJ>(qb, ldq, steps, srow, sdt, zrow, k0, x, xi, xs, acc, N, j);
-  for (; j < tiles; ++j) stream_int8_group<MB, 1>(qb, ldq, steps, srow, sdt, zrow, k0, x, xi, xs, acc, N, j);
+    stream_int8_group<MB, TJ>(qb, ldq, steps, srow, sdt, zrow, k0, x, xi, xs, acc, N, j, ahead);
+  for (; j < tiles; ++j) stream_int8_group<MB, 1>(qb, ldq, steps, srow, sdt, zrow, k0, x, xi, xs, acc, N, j, ahead);
 }
 
 // The BF16 and FP32 inner products on the same decode path (a block is a whole group), so that their figures
@@ -766,7 +777,7 @@ __attribute__((target("avx512bf16"))) static inline void stream_bf16_group(
     for (int t = 0; t < TJ; ++t) a[m][t][0] = a[m][t][1] = _mm512_setzero_ps();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* row = qb + st * ldq + j0 * 64;
-    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), MK_STREAM_HINT);
     for (int t = 0; t < TJ; ++t) {
       const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
       for (int j = 0; j < 4; ++j) {
@@ -804,7 +815,7 @@ static inline void stream_fp32_group(const uint8_t* qb, int64_t ldq, int64_t ste
     for (int t = 0; t < TJ; ++t) a[m][t][0] = a[m][t][1] = _mm512_setzero_ps();
   for (int64_t st = 0; st < steps; ++st) {
     const uint8_t* row = qb + st * ldq + j0 * 64;
-    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), _MM_HINT_T0);
+    for (int t = 0; t < TJ; ++t) _mm_prefetch((const char*)(row + MK_STREAM_AHEAD + t * 64), MK_STREAM_HINT);
     for (int t = 0; t < TJ; ++t) {
       const __m512i v = _mm512_loadu_si512((const void*)(row + t * 64));
       for (int j = 0; j < 8; ++j) {

@@ -119,6 +119,22 @@ void parallel(int64_t n, int64_t bytes, F&& f) {
   at::parallel_for(0, n, bytes < kParallelBytes ? n : 1, [&](int64_t b, int64_t e) { f(b, e); });
 }
 
+// f(i) for every i in [0, n) on the intra-op threads, which claim the i one at a time (or inline, as `parallel`): a
+// thread that the OS takes off the core for a while (the machine is shared) holds back one i, where a static split
+// makes the whole call wait for its share.
+template <typename F>
+void claimed(int64_t n, int64_t bytes, F&& f) {
+  const int64_t threads = at::get_num_threads();
+  if (n <= 1 || threads <= 1 || bytes < kParallelBytes || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) f(i);
+  });
+}
+
 // The routed (token, slot) pairs sorted by expert, skipped slots (id < 0) left out.
 struct Routing {
   int64_t tokens = 0, slots = 0, rows = 0;
@@ -277,44 +293,91 @@ PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, c
   return b;
 }
 
-// The decode path (StreamJob): each routed row's sums over all N rows of the weight, fp32 [rows, N], before the
-// epilogue. Each expert's k-blocks are split in items so that the threads share the work even when one expert has it.
-at::Tensor q4_decode_sums(const Kernels* kern, const Q4Weight& w, const Prepared& x, const int64_t* row_begin,
-                          const int64_t* act_row, int64_t E, int64_t rows) {
-  const int64_t nblocks = w.k / x.block, N = w.n;
+// The decode path (StreamJob). Each expert's k-blocks are split in items (about kItemsPerThread per thread, none of
+// fewer than kMinItemBytes of codes), each with its own fp32 partial sums [rows of the expert, N]; the threads claim
+// the items one at a time (`claimed`). The partials are summed in item order afterwards, so the result does not
+// depend on which thread ran what.
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kMinItemBytes = 1 << 17;
+
+struct DecodeSums {
+  at::Tensor partial;
+  std::vector<int64_t> first;   // [E + 1]: expert e's items are first[e] .. first[e + 1] - 1, in k order
+  std::vector<int64_t> acc_at;  // where item i's partial sums begin
+  int64_t n = 0;
+
+  // dst[c - c0] = the sum over expert e's items of its row m's partial sums at columns c0 .. c1 - 1
+  void row_sums(int64_t e, int64_t m, int64_t c0, int64_t c1, float* dst) const {
+    const float* pp = partial.data_ptr<float>();
+    const float* src = pp + acc_at[first[e]] + m * n;
+    std::copy(src + c0, src + c1, dst);
+    for (int64_t i = first[e] + 1; i < first[e + 1]; ++i) {
+      src = pp + acc_at[i] + m * n;
+      for (int64_t c = c0; c < c1; ++c) dst[c - c0] += src[c];
+    }
+  }
+  int64_t bytes() const { return partial.numel() * 4; }
+};
+
+DecodeSums q4_decode(const Kernels* kern, const Q4Weight& w, const Prepared& x, const int64_t* row_begin,
+                     const int64_t* act_row, int64_t E) {
+  const int64_t nblocks = w.k / x.block, N = w.n, threads = at::get_num_threads();
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += row_begin[e + 1] > row_begin[e];
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(nblocks, ceil_div(2 * at::get_num_threads(), active)));
+  const int64_t block_bytes = x.block / 2 * N;
+  const int64_t most = std::max<int64_t>(1, std::min(nblocks, nblocks * block_bytes / kMinItemBytes));
+  const int64_t splits = std::max<int64_t>(1, std::min(most, ceil_div(kItemsPerThread * threads, std::max<int64_t>(1, active))));
   const int64_t per = ceil_div(nblocks, splits);
+  DecodeSums d;
+  d.n = N;
+  d.first.assign(E + 1, 0);
   std::vector<int32_t> item_expert;
-  std::vector<int64_t> blk0, blk1, acc_at;
+  std::vector<int64_t> blk0, blk1, rows_of;
   int64_t size = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = row_begin[e + 1] - row_begin[e];
+    d.first[e] = (int64_t)item_expert.size();
     for (int64_t b = 0; m > 0 && b < nblocks; b += per) {
       item_expert.push_back((int32_t)e);
       blk0.push_back(b);
       blk1.push_back(std::min(nblocks, b + per));
-      acc_at.push_back(size);
+      d.acc_at.push_back(size);
+      rows_of.push_back(m);
       size += m * N;
     }
   }
-  auto partial = at::zeros({size}, at::kFloat);
-  StreamJob job{&w, x, item_expert.data(), blk0.data(), blk1.data(), acc_at.data(), row_begin, act_row,
-                partial.data_ptr<float>()};
   const int64_t items = (int64_t)item_expert.size();
-  parallel(items, active * w.k * N / 2, [&](int64_t b, int64_t e) { kern->q4_stream(job, b, e); });
-  auto sums = alloc({rows, N}, at::kFloat);
+  d.first[E] = items;
+  d.partial = alloc({size}, at::kFloat);
+  float* pp = d.partial.data_ptr<float>();
+  StreamJob job{&w, x, item_expert.data(), blk0.data(), blk1.data(), d.acc_at.data(), row_begin, act_row, pp};
+  auto run_item = [&](int64_t i) {
+    std::fill(pp + d.acc_at[i], pp + d.acc_at[i] + rows_of[i] * N, 0.0f);  // in the thread that sums into it
+    kern->q4_stream(job, i, i + 1);
+  };
+  claimed(items, active * w.k * N / 2, run_item);
+  return d;
+}
+
+// Columns per piece of the decode path's reductions: the threads share them by (row, piece).
+constexpr int64_t kReduceCols = 1024;
+
+// The sums [rows, N] of each row (a Linear's output before its epilogue).
+at::Tensor q4_decode_sums(const Kernels* kern, const Q4Weight& w, const Prepared& x, const int64_t* row_begin,
+                          const int64_t* act_row, int64_t E, int64_t rows) {
+  DecodeSums d = q4_decode(kern, w, x, row_begin, act_row, E);
+  auto sums = alloc({rows, w.n}, at::kFloat);
   float* out = sums.data_ptr<float>();
-  const float* pp = partial.data_ptr<float>();
-  for (int64_t i = 0; i < items; ++i) {  // an expert's items in order: its rows' sums
-    const int64_t e = item_expert[i], m = row_begin[e + 1] - row_begin[e];
-    float* dst = out + row_begin[e] * N;
-    const float* src = pp + acc_at[i];
-    if (blk0[i] == 0) std::copy(src, src + m * N, dst);
-    else
-      for (int64_t j = 0; j < m * N; ++j) dst[j] += src[j];
-  }
+  const int64_t N = w.n, pieces = ceil_div(N, kReduceCols);
+  std::vector<int64_t> expert_of(rows);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = row_begin[e]; r < row_begin[e + 1]; ++r) expert_of[r] = e;
+  parallel(rows * pieces, d.bytes(), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r = p / pieces, c0 = (p % pieces) * kReduceCols, c1 = std::min(N, c0 + kReduceCols);
+      d.row_sums(expert_of[r], r - row_begin[expert_of[r]], c0, c1, out + r * N + c0);
+    }
+  });
   return sums;
 }
 
@@ -325,32 +388,69 @@ float gated_value(float g, float u, int64_t act, float alpha, float limit) {
   return (u + 1.0f) * g / (1.0f + std::exp(-g * alpha));
 }
 
-// The decode path's epilogue of gate_up: hidden [rows, I] = act(gate + bias, up + bias) of sums [rows, 2I].
-void gate_epilogue(const at::Tensor& sums, const float* bias, const int64_t* expert_of, int64_t rows, int64_t I,
-                   bool interleaved, int64_t act, float alpha, float limit, float* hidden) {
-  const float* S = sums.data_ptr<float>();
-  parallel(rows, rows * I * 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* srow = S + r * 2 * I;
-      const float* b = bias ? bias + expert_of[r] * 2 * I : nullptr;
-      for (int64_t c = 0; c < I; ++c) {
-        const int64_t gi = interleaved ? 2 * c : c, ui = interleaved ? 2 * c + 1 : I + c;
-        hidden[r * I + c] = gated_value(srow[gi] + (b ? b[gi] : 0.0f), srow[ui] + (b ? b[ui] : 0.0f), act, alpha,
-                                        limit);
+// The decode path's epilogue of gate_up, with the sum of the items' partials: hidden [rows, I] = act(gate + bias,
+// up + bias) of each row's sums [2I] (gate rows then up rows, or interleaved).
+void gate_epilogue(const DecodeSums& d, const float* bias, const int64_t* expert_of, const int64_t* row_begin,
+                   int64_t rows, int64_t I, bool interleaved, int64_t act, float alpha, float limit, float* hidden) {
+  const int64_t pieces = ceil_div(I, kReduceCols);
+  parallel(rows * pieces, d.bytes(), [&](int64_t p0, int64_t p1) {
+    float g[2 * kReduceCols], u[kReduceCols];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r = p / pieces, c0 = (p % pieces) * kReduceCols, c1 = std::min(I, c0 + kReduceCols);
+      const int64_t e = expert_of[r], m = r - row_begin[e], nc = c1 - c0;
+      const float* b = bias ? bias + e * 2 * I : nullptr;
+      float* h = hidden + r * I;
+      if (interleaved) {
+        d.row_sums(e, m, 2 * c0, 2 * c1, g);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t j = 2 * (c - c0);
+          h[c] = gated_value(g[j] + (b ? b[2 * c] : 0.0f), g[j + 1] + (b ? b[2 * c + 1] : 0.0f), act, alpha, limit);
+        }
+      } else {
+        d.row_sums(e, m, c0, c1, g);
+        d.row_sums(e, m, I + c0, I + c1, u);
+        for (int64_t j = 0; j < nc; ++j)
+          h[c0 + j] = gated_value(g[j] + (b ? b[c0 + j] : 0.0f), u[j] + (b ? b[I + c0 + j] : 0.0f), act, alpha,
+                                  limit);
       }
     }
   });
 }
 
-// The decode path's epilogue of down (and of a Linear): out [rows, N] = row weight * (sums + bias).
-void scale_epilogue(at::Tensor& sums, const float* bias, const int64_t* expert_of, const float* row_weight,
-                    int64_t rows, int64_t N) {
+// The decode path's epilogue of down, with the sum of the items' partials and the sum over slots: out [tokens, H] =
+// sum over each token's slots (in slot order) of routing weight * (sums + bias).
+at::Tensor down_epilogue(const DecodeSums& d, const Routing& r, const float* bias, int64_t H, at::ScalarType dtype) {
+  auto out = alloc({r.tokens, H}, dtype);
+  auto acc = dtype == at::kFloat ? out : alloc({r.tokens, H}, at::kFloat);
+  float* o = acc.data_ptr<float>();
+  const int64_t pieces = ceil_div(H, kReduceCols);
+  parallel(r.tokens * pieces, d.bytes(), [&](int64_t p0, int64_t p1) {
+    float s[kReduceCols];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t = p / pieces, c0 = (p % pieces) * kReduceCols, c1 = std::min(H, c0 + kReduceCols);
+      float* dst = o + t * H;
+      std::fill(dst + c0, dst + c1, 0.0f);
+      for (int64_t slot = 0; slot < r.slots; ++slot) {
+        const int64_t row = r.row_of_pair[t * r.slots + slot];
+        if (row < 0) continue;
+        const int64_t e = r.expert_of[row];
+        d.row_sums(e, row - r.row_begin[e], c0, c1, s);
+        const float* b = bias ? bias + e * H : nullptr;
+        const float w = r.weight_of[row];
+        for (int64_t c = c0; c < c1; ++c) dst[c] += w * (s[c - c0] + (b ? b[c] : 0.0f));
+      }
+    }
+  });
+  if (dtype != at::kFloat) out.copy_(acc);
+  return out;
+}
+
+// A Linear's epilogue: sums [rows, N] += bias.
+void bias_epilogue(at::Tensor& sums, const float* bias, int64_t rows, int64_t N) {
+  if (!bias) return;
   float* S = sums.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* b = bias ? bias + (expert_of ? expert_of[r] : 0) * N : nullptr;
-    const float w = row_weight ? row_weight[r] : 1.0f;
-    for (int64_t n = 0; n < N; ++n) S[r * N + n] = w * (S[r * N + n] + (b ? b[n] : 0.0f));
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < N; ++n) S[r * N + n] += bias[n];
 }
 
 bool decode_path(const Kernels* kern, int inner, const Q4Weight& w, const int64_t* row_begin, int64_t E) {
@@ -373,7 +473,7 @@ int resolve_inner(const Kernels* kern, int64_t isa, int64_t inner) {
 void run_gemm(const Kernels* kern, const GemmJob& job, const Items& items, int64_t tile_bytes) {
   int64_t tiles = 0;
   for (size_t i = 0; i < items.expert.size(); ++i) tiles += items.tile1[i] - items.tile0[i];
-  parallel((int64_t)items.expert.size(), tiles * tile_bytes, [&](int64_t b, int64_t e) { kern->gemm(job, b, e); });
+  claimed((int64_t)items.expert.size(), tiles * tile_bytes, [&](int64_t i) { kern->gemm(job, i, i + 1); });
 }
 
 at::Tensor in_scale_fp32(const c10::optional<at::Tensor>& s, int64_t E, int64_t K, const char* what) {
@@ -419,9 +519,9 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   const bool decode = decode_path(kern, inner, wgu, r.row_begin.data(), E) &&
                       decode_path(kern, inner, wd, r.row_begin.data(), E);
   if (decode) {
-    auto sums = q4_decode_sums(kern, wgu, xa.p, r.row_begin.data(), act_row.data(), E, r.rows);
-    gate_epilogue(sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.rows, inter,
-                  interleaved, act, (float)alpha, (float)limit, hidden.data_ptr<float>());
+    DecodeSums sums = q4_decode(kern, wgu, xa.p, r.row_begin.data(), act_row.data(), E);
+    gate_epilogue(sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.row_begin.data(),
+                  r.rows, inter, interleaved, act, (float)alpha, (float)limit, hidden.data_ptr<float>());
   } else {
     GemmJob job{};
     job.q4 = &wgu;
@@ -449,10 +549,8 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
   PreparedBuffers ha = prepare(kern, inner, hidden, nullptr, r.rows, wd.group, sd, r.expert_of.data());
   if (decode) {
-    auto part = q4_decode_sums(kern, wd, ha.p, r.row_begin.data(), rows_id.data(), E, r.rows);
-    scale_epilogue(part, bd.defined() ? bd.data_ptr<float>() : nullptr, r.expert_of.data(), r.weight_of.data(),
-                   r.rows, H);
-    return sum_slots(r, part, H, x.scalar_type());
+    DecodeSums part = q4_decode(kern, wd, ha.p, r.row_begin.data(), rows_id.data(), E);
+    return down_epilogue(part, r, bd.defined() ? bd.data_ptr<float>() : nullptr, H, x.scalar_type());
   }
   auto part = alloc({r.rows, H}, at::kFloat);
   GemmJob down_job{};
@@ -498,7 +596,7 @@ at::Tensor linear_q4(const at::Tensor& x_in, at::TensorList w, const c10::option
   std::vector<int64_t> row_begin = {0, T};
   if (decode_path(kern, inner, wq, row_begin.data(), 1)) {
     auto sums = q4_decode_sums(kern, wq, xa.p, row_begin.data(), rows_id.data(), 1, T);
-    scale_epilogue(sums, b.defined() ? b.data_ptr<float>() : nullptr, nullptr, nullptr, T, n);
+    bias_epilogue(sums, b.defined() ? b.data_ptr<float>() : nullptr, T, n);
     return x.scalar_type() == at::kFloat ? sums : sums.to(x.scalar_type());
   }
   GemmJob job{};

@@ -6,7 +6,7 @@ import warnings
 _MOVED = {"DEFAULT_OUT": "moekern.bench.harness", "load_model": "moekern.bench.harness",
           "run_bench": "moekern.bench.harness", "run_eval": "moekern.bench.harness",
           "run_report": "moekern.bench.harness", "batch_list": "moekern.cli.common",
-          "_environment": "moekern.cli.common"}
+          "_environment": "moekern.runs"}
 
 
 def __getattr__(name: str):

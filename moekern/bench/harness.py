@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import moekern.cli.common as common
-from moekern.cli.common import environment, with_device
+import moekern.runs as runs
+from moekern.runs import environment, with_device
 from moekern.errors import MoekernError
 
 DEFAULT_OUT = Path("moekern-runs")
@@ -52,7 +52,7 @@ class ReportSettings:
 
 def load_model(settings):
     """(model, tokenizer or None, facts about where it came from) for a preset, 'shipped' or a local folder; the
-    settings' device and dtype resolved (moekern.cli.common.with_device)."""
+    settings' device and dtype resolved (moekern.runs.with_device)."""
     import torch
 
     from moekern.bench.presets import PRESETS, build_preset
@@ -74,7 +74,7 @@ def load_model(settings):
                            f"{', '.join(PRESETS)} (or 'shipped')")
     if layers:
         raise MoekernError("--layers shrinks a preset only; compress a model folder with block-drop instead")
-    model, tokenizer = common.load_from_args(s)  # looked up at the call, so that a test can replace it
+    model, tokenizer = runs.load_from_args(s)  # looked up at the call, so that a test can replace it
     notes = []
     if getattr(model.config, "moekern", None):
         notes.append(f"{s.model} is a moekern checkpoint: its baseline already runs moekern's MoE blocks (the "

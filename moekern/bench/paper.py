@@ -11,7 +11,7 @@ is appended to DIR/paper.jsonl as soon as it exists, so an interrupt loses nothi
 writes the report from what is there). At the end DIR/report.md and report.json (moekern.bench.paper_report) and the
 PNG plots are written from that file alone.
 
-Calibration is shared where that is exact (moekern.compress.shared):
+Calibration is shared where that is exact (moekern.compression.shared):
   - one pass on the uncompressed model gives the statistics of every recipe whose first step is a trimming step
     (moekern.compress(base_stats=...)); the same pass records the layer-wise similarities (Fig. 4),
     the block-wise similarity matrix (Fig. 7) and the drop patterns for every count (Figs. 10, 12);
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from moekern.bench.harness import DEFAULT_OUT
 from moekern.bench.paper_finetune import FINETUNE_BATCH, FINETUNE_LR, FINETUNE_RECIPES, FINETUNE_STEPS
-from moekern.cli.common import environment, machine, source_commit, with_device
-from moekern.compress.shared import BLOCK_MATRIX_TOKENS
+from moekern.runs import environment, machine, source_commit, with_device
+from moekern.compression.shared import BLOCK_MATRIX_TOKENS
 from moekern.errors import MoekernError
 
 __all__ = ["Paper", "PaperSettings", "run_paper", "method_label", "machine", "source_commit"]
@@ -140,7 +140,7 @@ class Paper:
                     "reference": "its PyTorch reference"}[backend.backend_for(torch.device(args.device))]
             notes.append(f"measured on the CPU: these times say nothing about GPU kernels (moekern's Triton/CUDA "
                          f"path runs only on a GPU; on the CPU moekern runs {runs})")
-        from moekern.compress.calibration import calibration_blocks
+        from moekern.compression.calibration import calibration_blocks
 
         self.calibration = calibration_blocks(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
         self.writer.write(
@@ -194,7 +194,7 @@ class Paper:
         moekern.unpatch(model)  # a remote-code model moekern adopted at load (DeepSeek-MoE): its own blocks again
         self._measure_row(0, "Baseline (transformers)", None, model, {"variant": "transformers", "steps": []})
         moekern.patch(model)  # from here on the rows run moekern's path; the baseline is not needed again
-        from moekern.compress.shared import SharedCompression
+        from moekern.compression.shared import SharedCompression
 
         self.shared = SharedCompression(model, self.calibration, order=self.args.order,
                                         allow_fewer=self.args.allow_fewer_experts, seed=self.args.seed)
@@ -241,7 +241,7 @@ class Paper:
     def _base_stats(self) -> None:
         """One calibration pass on the uncompressed model: the statistics of every recipe that trims first, the
         layer-wise similarities, the block-wise matrix, and the drop pattern of every count."""
-        from moekern.compress.report import drop_sweeps, stats_data
+        from moekern.compression.report import drop_sweeps, stats_data
         from moekern.models import family_of
 
         started = time.perf_counter()
@@ -258,10 +258,10 @@ class Paper:
 
     # ------------------------------------------------------------------------------------------------------------
     def _compress(self, text: str, index: int):
-        """A copy of the right root, compressed by the rest of the recipe (moekern.compress.shared); (model, facts
+        """A copy of the right root, compressed by the rest of the recipe (moekern.compression.shared); (model, facts
         about how)."""
         import moekern
-        from moekern.compress.recipe import paper_label
+        from moekern.compression.recipe import paper_label
 
         if text.lower() in ("none", "-", "moekern"):
             model = copy.deepcopy(self.base.model)
@@ -284,7 +284,7 @@ class Paper:
         from moekern.model_info import describe
         from moekern.bench.flops import forward_flops_if_it_fits
         from moekern.bench.speed import measure_batches
-        from moekern.compress.report import model_size
+        from moekern.compression.report import model_size
         from moekern.eval.harness import HELDOUT_PPL, evaluate
         from moekern.model_info import human_bytes
 
@@ -344,7 +344,7 @@ class Paper:
 
 def slimming_prefix(text: str, order: str) -> str | None:
     """The slimming step a recipe starts with (in this order), or None."""
-    from moekern.compress.recipe import Recipe
+    from moekern.compression.recipe import Recipe
 
     try:
         first = Recipe.parse(text).ordered(order)[0]
@@ -365,14 +365,14 @@ def quiet_evaluation() -> None:
 
 
 def method_label(recipe, model) -> str:
-    """The paper's way of naming a row (moekern.compress.recipe.paper_label, which each step's label makes)."""
-    from moekern.compress.recipe import paper_label
+    """The paper's way of naming a row (moekern.compression.recipe.paper_label, which each step's label makes)."""
+    from moekern.compression.recipe import paper_label
 
     return paper_label(recipe, model)
 
 
 def _record(shared) -> dict:
-    """A row's record of work it shared (moekern.compress.shared.Shared), seconds to the hundredth."""
+    """A row's record of work it shared (moekern.compression.shared.Shared), seconds to the hundredth."""
     return {**vars(shared), "seconds": None if shared.seconds is None else round(shared.seconds, 2)}
 
 

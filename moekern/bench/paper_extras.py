@@ -42,31 +42,6 @@ TABLE_RECIPES = {
 }
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--figures", type=lambda s: _choices(s, FIGURES, "--figures"), default=[],
-                        help="also make the paper's figures that need many more models: sweeps (Figs. 3, 5, 6, "
-                        "13-15), robustness (Fig. 9), or all (comma-separated; default: none)")
-    parser.add_argument("--tables", type=lambda s: _choices(s, TABLES, "--tables"), default=[],
-                        help="also make the paper's appendix tables 5, 6, 7, 8, or all (comma-separated)")
-    parser.add_argument("--calib2", default=None, metavar="PATH",
-                        help="the second calibration source of the robustness figure (default: the Python standard "
-                        "library's source files)")
-
-
-def _choices(text: str, allowed: tuple, flag: str) -> list[str]:
-    import argparse
-
-    wanted = [t.strip().lower() for t in text.split(",") if t.strip()]
-    if wanted == ["all"]:
-        return list(allowed)
-    if wanted == ["none"]:
-        return []
-    unknown = [t for t in wanted if t not in allowed]
-    if unknown or not wanted:
-        raise argparse.ArgumentTypeError(f"{flag} takes all, none or {', '.join(allowed)}; got {text!r}")
-    return wanted
-
-
 def run(paper) -> None:
     """After the rows: the figures and tables the arguments ask for."""
     args = paper.args
@@ -87,7 +62,7 @@ class Extras:
         self.paper, self.args = paper, paper.args
         self.base = paper.base.model
         self.stats = paper._stats(paper.base, record_tokens=False)
-        from moekern.compress.shared import SharedCompression
+        from moekern.compression.shared import SharedCompression
 
         # a slimming step that comes first is made once for every table row that starts with it
         self.shared = SharedCompression(self.base, paper.calibration, allow_fewer=self.args.allow_fewer_experts,
@@ -104,7 +79,7 @@ class Extras:
 
     def _point(self, method: str, n: int, model, started: float) -> None:
         from moekern import surgery
-        from moekern.compress.report import model_size
+        from moekern.compression.report import model_size
 
         d = surgery.decisions(model)
         results = self.evaluate(model)
@@ -117,8 +92,9 @@ class Extras:
 
     def sweeps(self) -> None:
         """Figs. 3, 5, 6, 13-15."""
-        from moekern.compress.depth_drop import block_drop, block_scores, layer_drop, layer_scores, most_similar
-        from moekern.compress.expert_drop import choose_kept_experts, expert_drop
+        from moekern.compression.trimming.depth_drop import (block_drop, block_scores, layer_drop, layer_scores,
+                                                              most_similar)
+        from moekern.compression.trimming.expert_drop import choose_kept_experts, expert_drop
         from moekern.models import family_of
         from moekern import surgery
 
@@ -160,9 +136,9 @@ class Extras:
     def robustness(self) -> None:
         """Fig. 9: (a) the similarities on more or fewer calibration blocks; (b) on a second source, and how many
         drop decisions the two sources share."""
-        from moekern.compress.calibration import blocks_from_documents, calibration_blocks, stdlib_sources
-        from moekern.compress.report import drop_sweeps
-        from moekern.compress.stats import measure
+        from moekern.compression.calibration import blocks_from_documents, calibration_blocks, stdlib_sources
+        from moekern.compression.report import drop_sweeps
+        from moekern.compression.trimming.stats import measure
         from moekern.models import family_of
 
         args, tokenizer = self.args, self.paper.tokenizer
@@ -188,7 +164,7 @@ class Extras:
 
     # ------------------------------------------------------------------------------------------------------------
     def table(self, table: str) -> None:
-        from moekern.compress.report import model_size
+        from moekern.compression.report import model_size
 
         rows = TABLE_RECIPES[table]
         if table == "8" and not self._has_shared_experts():
@@ -215,13 +191,13 @@ class Extras:
             print(f"  {label}: {scores}", flush=True)
 
     def _compress(self, text: str, order: str):
-        """A copy of the uncompressed model compressed by the recipe (moekern.compress.shared: a slimming step that
+        """A copy of the uncompressed model compressed by the recipe (moekern.compression.shared: a slimming step that
         comes first is the same model a fresh run would make, since it only depends on the step)."""
         return self.shared.compress(text, order).model
 
     def _has_shared_experts(self) -> bool:
         from moekern import surgery
-        from moekern.quant import targets
+        from moekern import targets
 
         return any(targets.routed_experts(layer) is not None and targets.always_active_linears(self.base, layer)
                    for layer in surgery.decoder_layers(self.base))

@@ -35,21 +35,6 @@ FINETUNE_BATCH = 8
 REPORT_MD, REPORT_JSON = "finetune.md", "finetune.json"
 
 
-def add_finetune_args(parser) -> None:
-    parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
-                        help="fine-tuning section: optimizer steps of --finetune-batch blocks per fine-tuned row "
-                        "(default: %(default)s; 0 leaves the section out)")
-    parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR, help="its learning rate (default: "
-                        "%(default)s)")
-    parser.add_argument("--finetune-batch", type=int, default=FINETUNE_BATCH,
-                        help="its blocks per step (default: %(default)s)")
-    parser.add_argument("--finetune-recipes", type=lambda s: [r.strip() for r in s.split(",") if r.strip()],
-                        default=list(FINETUNE_RECIPES),
-                        help="the rows fine-tuned, among --recipes (default: " + ",".join(FINETUNE_RECIPES) + ")")
-    parser.add_argument("--finetune-data", default=None, metavar="PATH",
-                        help="its training data (default: the shipped corpus's training split, shipped model only)")
-
-
 class FinetuneSection:
     def __init__(self, paper):
         self.paper, self.args = paper, paper.args
@@ -57,7 +42,7 @@ class FinetuneSection:
         self.tuned: dict[str, object] = {}  # 16-bit fine-tuned models that a quantized row continues from
 
     def config(self, lora=None):
-        from moekern.finetune import FinetuneConfig
+        from moekern.finetuning import FinetuneConfig
 
         limit = self.args.limit
         return FinetuneConfig(max_steps=self.args.finetune_steps, learning_rate=self.args.finetune_lr,
@@ -88,9 +73,9 @@ class FinetuneSection:
               f"({record['seconds']:.0f} s)", flush=True)
 
     def _run(self, text: str, model) -> dict:
-        from moekern.compress.recipe import Quantize, Recipe
-        from moekern.finetune import LoraSpec
-        from moekern.finetune.run import finetune
+        from moekern.compression.recipe import Quantize, Recipe
+        from moekern.finetuning import LoraSpec
+        from moekern.finetuning.run import finetune
 
         steps = [] if text.lower() == "none" else Recipe.parse(text).ordered(self.args.order)
         slimming = [s for s in steps if s.slimming]
@@ -116,10 +101,10 @@ class FinetuneSection:
         """Trim, fine-tune, quantize: the fine-tuned `rest` model, quantized by the recipe's slimming step."""
         import moekern
         from moekern import surgery
-        from moekern.compress.recipe import Recipe, compress
-        from moekern.eval.perplexity import mean_nll
-        from moekern.finetune.data import heldout_windows
-        from moekern.finetune.run import default_seq_len
+        from moekern.compression.recipe import Recipe, compress
+        from moekern.perplexity import mean_nll
+        from moekern.finetuning.data import heldout_windows
+        from moekern.finetuning.run import default_seq_len
 
         tuned = self.tuned.pop(rest)
         seq_len = default_seq_len(model, self.paper.tokenizer)
@@ -139,7 +124,7 @@ class FinetuneSection:
 
 def _continued_from(recipes: list[str], order: str) -> set[str]:
     """The trimming-only recipes that a fine-tuned quantized recipe continues from."""
-    from moekern.compress.recipe import Recipe
+    from moekern.compression.recipe import Recipe
 
     found = set()
     for text in recipes:

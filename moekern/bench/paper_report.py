@@ -284,7 +284,7 @@ def _dropped_lines(content: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 def plot(content: dict, out: Path) -> dict:
     from moekern.bench.report import plot as bench_plot
-    from moekern.compress.report import plot_block_matrix, plot_drop_sweeps, plot_layer_similarity
+    from moekern.compression.report import plot_block_matrix, plot_drop_sweeps, plot_layer_similarity
 
     plots = {p.stem: p for p in bench_plot(content, out)}
     plt = pyplot()

@@ -57,9 +57,8 @@ PRESETS = {
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False),
         differs=None),
 }
-# TODO(4-bit presets): when moekern.quant can quantize a model built here (rtn4 needs no calibration), add names
-# like "mixtral-8x7b-4bit" that build the preset and apply moekern.compress(model, "rtn4") before measuring; until
-# then a 4-bit variant is `moekern bench PRESET --recipe rtn4`.
+# A 4-bit variant of a preset is `moekern bench PRESET --recipe rtn4` (the preset, then moekern.compress(model,
+# "rtn4") before measuring); no preset name of its own.
 
 
 def preset_config(name: str, layers: int | None = None):

@@ -20,7 +20,7 @@ def make_variant(model, tokenizer, recipe: str | None, calib_samples: int = 32, 
     moekern.patch(model)
     if not recipe:
         return model
-    from moekern.compress.recipe import compress
+    from moekern.compression.recipe import compress
 
     check_calibration(recipe, tokenizer)
     model = compress(model, recipe, None, tokenizer=tokenizer, samples=calib_samples, seq_len=calib_seq_len,
@@ -37,7 +37,7 @@ def recipe_of(model) -> str:
 
 def check_calibration(recipe: str | None, tokenizer) -> None:
     """A recipe that calibrates needs a tokenizer for the shipped corpus; a preset has none."""
-    from moekern.compress.recipe import as_recipe
+    from moekern.compression.recipe import as_recipe
 
     if recipe and tokenizer is None and as_recipe(recipe).needs_calibration():
         raise MoekernError(f"--recipe {recipe}: calibration needs a tokenizer and a preset has none; compress a model "
@@ -47,6 +47,6 @@ def check_calibration(recipe: str | None, tokenizer) -> None:
 def parse_recipe(recipe: str | None) -> None:
     """Fail on a recipe typo before any model is built or measured."""
     if recipe:
-        from moekern.compress.recipe import as_recipe
+        from moekern.compression.recipe import as_recipe
 
         as_recipe(recipe)

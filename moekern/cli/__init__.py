@@ -7,8 +7,8 @@ settings of the runner that does the work (the runners take settings, never argu
     moekern eval MODEL        evaluate.py  lm-eval tasks and held-out perplexity (moekern.bench.harness)
     moekern report RUN_DIR    report.py    the report of bench, eval or paper runs (moekern.bench.harness)
     moekern paper [MODEL]     paper.py     the paper's comparison, the main job (moekern.bench.paper)
-    moekern finetune, serve                added by moekern.finetune.cli and moekern.serving.server
-    common.py                 what they share: argparse types, loading, the machine's facts for the records
+    moekern finetune, serve                added by moekern.cli.finetune and moekern.serving.server
+    common.py                 what they share: argparse types and the loading options (loading itself: moekern.runs)
 
 Mistakes a user can fix end with a one-line message and exit status 2, never a traceback. The folder a command
 writes (`writes`: a model or a run folder) is claimed before any work, under moekern.folders' output rule; SIGTERM
@@ -19,8 +19,9 @@ import argparse
 import contextlib
 import sys
 
-from moekern.cli.common import DTYPES, add_loading_args, batch_list, device_name, load_from_args, positive_int
+from moekern.cli.common import DTYPES, add_loading_args, batch_list, device_name, positive_int
 from moekern.errors import MoekernError
+from moekern.runs import load_from_args
 
 __all__ = ["main", "build_parser", "DTYPES", "add_loading_args", "positive_int", "device_name", "batch_list",
            "load_from_args"]
@@ -28,7 +29,7 @@ __all__ = ["main", "build_parser", "DTYPES", "add_loading_args", "positive_int",
 
 def build_parser() -> argparse.ArgumentParser:
     from moekern.cli import bench, compress, evaluate, info, paper, report
-    from moekern.finetune.cli import add_finetune_command
+    from moekern.cli.finetune import add_finetune_command
     from moekern.serving.server import add_serve_command  # serve (vLLM, from its own environment)
 
     parser = argparse.ArgumentParser(
@@ -86,7 +87,7 @@ def claim_output(args):
 
 def __getattr__(name: str):
     """Names this module had when it was one file, where they are now."""
-    moved = {"BLOCK_MATRIX_TOKENS": "moekern.compress.shared", "run_info": "moekern.cli.info",
+    moved = {"BLOCK_MATRIX_TOKENS": "moekern.compression.shared", "run_info": "moekern.cli.info",
              "kernels_line": "moekern.cli.info", "run_compress": "moekern.cli.compress"}
     if name in moved:
         from importlib import import_module

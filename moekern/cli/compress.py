@@ -37,7 +37,7 @@ class _StepsHelp(argparse.HelpFormatter):
 
 
 def add_parser(sub) -> None:
-    from moekern.compress.steps import help_text, syntax
+    from moekern.compression.steps import help_text, syntax
 
     compress = sub.add_parser(
         "compress",
@@ -75,19 +75,19 @@ def add_parser(sub) -> None:
 
 
 def run_compress(settings: CompressSettings) -> int:
-    from moekern.cli import common
+    from moekern import runs
     from moekern.arguments import check_positions
     from moekern.checkpoint import save
-    from moekern.compress.calibration import calibration_blocks
-    from moekern.compress.recipe import Recipe, check_recipe, compress
-    from moekern.compress.report import write_report
-    from moekern.compress.shared import BLOCK_MATRIX_TOKENS, first_step_stats
+    from moekern.compression.calibration import calibration_blocks
+    from moekern.compression.recipe import Recipe, check_recipe, compress
+    from moekern.compression.report import write_report
+    from moekern.compression.shared import BLOCK_MATRIX_TOKENS, first_step_stats
     from moekern.model_info import human_bytes, human_count
 
     s = settings
     started = time.perf_counter()
     recipe = Recipe.parse(s.recipe)  # a typo fails before the model is loaded
-    model, tokenizer = common.load_from_args(s)  # looked up at the call, so that a test can replace it
+    model, tokenizer = runs.load_from_args(s)  # looked up at the call, so that a test can replace it
     check_recipe(recipe, model, s.allow_fewer_experts)
     calibration = None
     if recipe.needs_calibration():

@@ -45,15 +45,15 @@ def add_parser(sub) -> None:
 def run_info(settings: InfoSettings) -> int:
     import torch
 
-    from moekern.cli import common
+    from moekern import runs
     from moekern.arguments import check_positions
-    from moekern.eval.perplexity import mean_nll, token_windows
+    from moekern.perplexity import mean_nll, token_windows
     from moekern.model_info import describe, human_bytes, human_count, peak_memory_bytes
     from moekern.shipped import heldout_text
 
     s = settings
     started = time.perf_counter()
-    model, tokenizer = common.load_from_args(s)  # looked up at the call, so that a test can replace it
+    model, tokenizer = runs.load_from_args(s)  # looked up at the call, so that a test can replace it
     check_positions(model.config, s.seq_len, "--seq-len")
     device = next(model.parameters()).device
     facts = describe(model)

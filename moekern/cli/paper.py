@@ -1,5 +1,6 @@
 """`moekern paper [MODEL] --out DIR`: the paper's comparison, the main job (moekern.bench.paper)."""
 
+import argparse
 from pathlib import Path
 
 from moekern.cli.common import (add_loading_args, batch_list, device_dependent_dtype, names, positive_int,
@@ -8,8 +9,6 @@ from moekern.cli.common import (add_loading_args, batch_list, device_dependent_d
 
 def add_parser(sub) -> None:
     from moekern.bench.paper import DEFAULT_RECIPES, DEFAULT_TASKS, RECORDS, PaperSettings
-    from moekern.bench.paper_extras import add_arguments
-    from moekern.bench.paper_finetune import add_finetune_args
 
     paper = sub.add_parser(
         "paper",
@@ -54,7 +53,7 @@ def add_parser(sub) -> None:
     paper.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed")
     paper.add_argument("--eval-batch-size", type=positive_int, default=8, help="lm-eval batch size (default: 8)")
     add_loading_args(paper)
-    add_arguments(paper)  # --figures, --tables, --calib2: the paper's artefacts that need many more models
+    add_extras_args(paper)
     add_finetune_args(paper)
     device_dependent_dtype(paper)
     paper.set_defaults(run=run, writes="runs")
@@ -64,3 +63,47 @@ def run(args) -> int:
     from moekern.bench.paper import PaperSettings, run_paper
 
     return run_paper(settings_from(PaperSettings, args), ["moekern", *args.argv])
+
+
+def add_extras_args(parser) -> None:
+    """--figures, --tables, --calib2: the paper's artefacts that need many more models (moekern.bench.paper_extras)."""
+    from moekern.bench.paper_extras import FIGURES, TABLES
+
+    parser.add_argument("--figures", type=lambda s: _choices(s, FIGURES, "--figures"), default=[],
+                        help="also make the paper's figures that need many more models: sweeps (Figs. 3, 5, 6, "
+                        "13-15), robustness (Fig. 9), or all (comma-separated; default: none)")
+    parser.add_argument("--tables", type=lambda s: _choices(s, TABLES, "--tables"), default=[],
+                        help="also make the paper's appendix tables 5, 6, 7, 8, or all (comma-separated)")
+    parser.add_argument("--calib2", default=None, metavar="PATH",
+                        help="the second calibration source of the robustness figure (default: the Python standard "
+                        "library's source files)")
+
+
+def _choices(text: str, allowed: tuple, flag: str) -> list[str]:
+    wanted = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if wanted == ["all"]:
+        return list(allowed)
+    if wanted == ["none"]:
+        return []
+    unknown = [t for t in wanted if t not in allowed]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"{flag} takes all, none or {', '.join(allowed)}; got {text!r}")
+    return wanted
+
+
+def add_finetune_args(parser) -> None:
+    """The fine-tuning section's options (moekern.bench.paper_finetune)."""
+    from moekern.bench.paper_finetune import FINETUNE_BATCH, FINETUNE_LR, FINETUNE_RECIPES, FINETUNE_STEPS
+
+    parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
+                        help="fine-tuning section: optimizer steps of --finetune-batch blocks per fine-tuned row "
+                        "(default: %(default)s; 0 leaves the section out)")
+    parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR, help="its learning rate (default: "
+                        "%(default)s)")
+    parser.add_argument("--finetune-batch", type=int, default=FINETUNE_BATCH,
+                        help="its blocks per step (default: %(default)s)")
+    parser.add_argument("--finetune-recipes", type=lambda s: [r.strip() for r in s.split(",") if r.strip()],
+                        default=list(FINETUNE_RECIPES),
+                        help="the rows fine-tuned, among --recipes (default: " + ",".join(FINETUNE_RECIPES) + ")")
+    parser.add_argument("--finetune-data", default=None, metavar="PATH",
+                        help="its training data (default: the shipped corpus's training split, shipped model only)")

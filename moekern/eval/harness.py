@@ -78,10 +78,10 @@ def evaluate(model, tokenizer, tasks: list[str], limit: int | None = None, data_
 
 
 def _heldout_perplexity(model, tokenizer, limit: int | None) -> dict:
-    """moekern.eval.perplexity on the shipped held-out text; --limit N scores the first N windows of 256 tokens."""
+    """moekern.perplexity on the shipped held-out text; --limit N scores the first N windows of 256 tokens."""
     import math
 
-    from moekern.eval.perplexity import mean_nll, token_windows
+    from moekern.perplexity import mean_nll, token_windows
     from moekern.shipped import heldout_text
 
     windows = token_windows(tokenizer, heldout_text(), PPL_SEQ_LEN, max_tokens=limit and limit * PPL_SEQ_LEN)

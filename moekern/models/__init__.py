@@ -28,11 +28,4 @@ def family_of(model_or_config) -> Family:
     return FAMILIES[model_type]
 
 
-def adopt(model):
-    """Bring a model into the layout moekern works on (moekern.models.base.Family.adopt): a no-op for transformers'
-    own families; DeepSeek-MoE's remote blocks become moekern's. Every entry point calls it; it returns the model."""
-    family_of(model).adopt(model)
-    return model
-
-
-__all__ = ["FAMILIES", "Family", "adopt", "expert_activation", "expert_weights", "family_of"]
+__all__ = ["FAMILIES", "Family", "expert_activation", "expert_weights", "family_of"]

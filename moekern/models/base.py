@@ -67,12 +67,10 @@ class Family:
     # does not call transformers' experts interface); the others keep the HF blocks until a decision changes them.
     own_blocks = False
 
-    def adopt(self, model) -> None:
-        """Bring the model into the layout moekern works on (idempotent; nothing for transformers' own families)."""
-
-    def release(self, block) -> torch.nn.Module:
-        """The HF block a MoEBlock wraps, as unpatch gives it back."""
-        return block.hf_block
+    def is_own_block(self, module: torch.nn.Module) -> bool:
+        """Whether `module` is one of the MoE blocks moekern replaces on sight (own_blocks families; the swap itself
+        is moekern.surgery.adopt, undone by moekern.patching.unpatch)."""
+        return False
 
     def to_disk(self, state: dict) -> dict:
         """The state dict's names as the family's checkpoints name them (transformers' families: as they are)."""

@@ -9,11 +9,12 @@ first_k_dense_replace layers (and those off moe_layer_freq) are dense MLPs.
 Router (MoEGate.forward): softmax over the routed experts, top-k, renormalised only with norm_topk_prob, no scaling;
 the shared experts' output is added with weight 1 (He et al., Eq. 12).
 
-moekern runs these blocks itself: adopt(model) restacks each layer's experts (moekern.modules.stacked.StackedExperts,
-the layout of transformers' own MoE experts) and puts a MoEBlock in the remote block's place, so routing, Expert Drop,
-the kernels and 4-bit quantization work as for Mixtral. On disk the 16-bit experts keep the remote layout
-(`mlp.experts.{e}.gate_proj.weight`, ...: to_disk / from_disk), so a model whose every MoE layer kept the same number
-of experts loads with the checkpoint's own code as well; release() gives unpatch the remote block back.
+moekern runs these blocks itself: moekern.surgery.adopt(model) restacks each layer's experts
+(moekern.modules.stacked.StackedExperts, the layout of transformers' own MoE experts) and puts a MoEBlock in the
+remote block's place, so routing, Expert Drop, the kernels and 4-bit quantization work as for Mixtral. On disk the
+16-bit experts keep the remote layout (`mlp.experts.{e}.gate_proj.weight`, ...: to_disk / from_disk), so a model whose
+every MoE layer kept the same number of experts loads with the checkpoint's own code as well; moekern.unpatch gives
+the remote block back.
 """
 
 import re
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekern.errors import MoekernError
-from moekern.models.base import Family, decisions_of
+from moekern.models.base import Family
 from moekern.ops.reference import RouterSpec
 
 _STACKED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)$")
@@ -66,30 +67,8 @@ class DeepSeekMoE(Family):
         # dense layers are a prefix; it shrinks by the dense layers that were removed
         config.first_k_dense_replace = sum(1 for old in kept_layers if not self.is_moe_layer(config, old))
 
-    def adopt(self, model) -> None:
-        """Restack every remote MoE block's experts and put a MoEBlock in its place (idempotent)."""
-        from moekern.modules.moe import MoEBlock
-        from moekern.modules.stacked import StackedExperts
-
-        original = None
-        for layer in model.get_decoder().layers:
-            mlp = getattr(layer, "mlp", None)
-            if mlp is None or isinstance(mlp, MoEBlock) or not is_remote_moe(mlp):
-                continue
-            original = original or decisions_of(model, self)["original_num_experts"]
-            mlp.experts = StackedExperts(mlp.experts)
-            layer.mlp = MoEBlock(mlp, self, model.config, original)
-
-    def release(self, block) -> nn.Module:
-        """The remote block of a MoEBlock again, its experts a ModuleList (the kept ones)."""
-        from moekern.modules.stacked import StackedExperts
-
-        hf = block.hf_block
-        if not isinstance(hf.experts, StackedExperts):
-            raise MoekernError("this DeepSeek-MoE layer's experts are 4-bit: they run only through moekern's "
-                               "modules; keep the model patched")
-        hf.experts = hf.experts.to_module_list()
-        return hf
+    def is_own_block(self, module: nn.Module) -> bool:
+        return is_remote_moe(module)
 
     def to_disk(self, state: dict) -> dict:
         """moekern's stacked 16-bit experts -> the remote per-expert names (the checkpoint's own layout)."""

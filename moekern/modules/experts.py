@@ -21,10 +21,10 @@ def experts_forward(
     dequantization happens in the K loop), or to their dequantizing reference on the reference backend.
     """
     tap = getattr(experts, "calibration_tap", None)
-    if tap is not None:  # moekern.quant.calibrate records which tokens reach which expert
+    if tap is not None:  # moekern.compression.slimming.calibrate records which tokens reach which expert
         tap(hidden_states, top_k_index, top_k_weights)
     adapter = getattr(experts, "lora_experts", None)
-    if adapter is not None:  # LoRA over the frozen experts (moekern.finetune.lora): its own differentiable path
+    if adapter is not None:  # LoRA over the frozen experts (moekern.modules.lora): its own differentiable path
         return adapter(experts, hidden_states, top_k_index, top_k_weights)
     device, dtype = hidden_states.device, hidden_states.dtype
     if is_4bit(experts):

@@ -1,4 +1,4 @@
-"""4-bit modules in moekern's layout (moekern/quant/layout.py): the experts of one MoE layer, stacked, and a Linear.
+"""4-bit modules in moekern's layout (moekern/formats/layout.py): the experts of one MoE layer, stacked, and a Linear.
 
 Their reference forward dequantizes, then runs the same matmuls as the 16-bit path (reference.moe_experts for the
 experts, F.linear for the Linear): the oracle of the 4-bit kernels. On the CPU the C++ kernels (moekern.ops.cpu) run
@@ -16,7 +16,7 @@ from torch import nn
 
 from moekern.ops import reference
 from moekern.ops.reference import Activation
-from moekern.quant import layout
+from moekern.formats import layout
 
 PACKED = ("qweight", "scales", "zeros")
 

@@ -187,7 +187,7 @@ def cpu_flags() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The ops. 4-bit weights are read where they lie, in moekern's layout (moekern.quant.layout): no second copy.
+# The ops. 4-bit weights are read where they lie, in moekern's layout (moekern.formats.layout): no second copy.
 # ----------------------------------------------------------------------------------------------------------------------
 def moe_experts_4bit(x, ids, weights, gate_up: tuple, down: tuple, b_gate_up=None, b_down=None,
                      in_scale_gate_up=None, in_scale_down=None, act: Activation = Activation()):

@@ -1,5 +1,5 @@
 """Fused grouped MoE GEMM in Triton over the work lists of moekern.ops.routing: bf16/fp16/fp32 weights, or
-moekern's 4-bit layout (moekern.quant.layout) dequantized in registers. Oracle: reference.moe_experts.
+moekern's 4-bit layout (moekern.formats.layout) dequantized in registers. Oracle: reference.moe_experts.
 
     pairs      p = t * top_k + s, one per (token, slot); a slot whose id is NO_EXPERT has no pair in the lists
     gate_up    inter[p, :I] = act(x[t] @ W_gate_up[e].T + b)     act in the epilogue; the intermediate written once
@@ -69,7 +69,7 @@ INTERPRETER_BF16_DOT = False
 
 @dataclass(frozen=True)
 class Quant4:
-    """A stacked 4-bit weight in moekern's layout (moekern.quant.layout) for W [E, N, K]."""
+    """A stacked 4-bit weight in moekern's layout (moekern.formats.layout) for W [E, N, K]."""
 
     qweight: torch.Tensor  # int32 [E, K // 8, N]
     scales: torch.Tensor  # [E, K // G, N]
@@ -158,7 +158,7 @@ def mma_layout(w: Quant4, halves: int = 1, interleaved: bool = False, kwidth: in
     halves = 2 for gate_up: the gate and up rows go to separate halves (first I rows and last I rows, or even and odd
     rows where interleaved, as GPT-OSS stores them), each padded to MMA_N_PAD rows. Made one expert at a time so that
     the temporaries stay small next to the weights."""
-    from moekern.quant import layout
+    from moekern.formats import layout
 
     e, n, k = w.shape
     rows = n // halves

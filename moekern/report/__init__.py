@@ -1,4 +1,4 @@
-"""What every moekern report is made of, shared by the report writers (moekern.compress.report beside a compressed
+"""What every moekern report is made of, shared by the report writers (moekern.compression.report beside a compressed
 checkpoint, moekern.bench.report for bench and eval runs, moekern.bench.paper_report for `moekern paper`):
 
     tables.py  markdown tables and the cells in them (numbers, FLOPs, task names)

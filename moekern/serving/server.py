@@ -51,8 +51,8 @@ def check_folder(folder: Path) -> dict:
         raise MoekernError(
             f"{str(folder)!r} holds moekern's own 4-bit experts, which vLLM cannot read (and vLLM's CPU build has "
             f"no 4-bit MoE backend at all). On a GPU, write the model with "
-            f"moekern.quant.hub.save_quantized_folder (AWQ or GPTQ, standard architectures) and serve that folder "
-            f"with vLLM; or serve the 16-bit compressed model")
+            f"moekern.quantized_folders.save_quantized_folder (AWQ or GPTQ, standard architectures) and serve "
+            f"that folder with vLLM; or serve the 16-bit compressed model")
     if base is not None and base not in SERVED:
         raise MoekernError(
             f"{str(folder)!r} is a compressed {base} model that is not a standard {base} architecture, and vLLM has "

@@ -134,7 +134,7 @@ def _plans_for(vllm_config) -> list[LayerPlan]:
         raise ValueError(
             "this checkpoint holds moekern's own 4-bit experts, which vLLM cannot read. Export the 16-bit "
             "compressed model and quantize it for vLLM, or write a standard 4-bit model with "
-            "moekern.quant.hub.save_quantized_folder (AWQ/GPTQ) and serve that with plain vLLM on a GPU")
+            "moekern.quantized_folders.save_quantized_folder (AWQ/GPTQ) and serve that with plain vLLM on a GPU")
     if vllm_config.parallel_config.enable_eplb:
         raise ValueError("moekern checkpoints have a different expert count per layer: EPLB cannot balance them")
     return layer_plans(config, stored_expert_counts(vllm_config.model_config.model))

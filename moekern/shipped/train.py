@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
     from transformers import MixtralForCausalLM
 
-    from moekern.eval.perplexity import perplexity
+    from moekern.perplexity import perplexity
 
     # 1. corpus ---------------------------------------------------------------
     train_path, heldout_path = args.corpus_dir / "train.txt", args.corpus_dir / "heldout.txt"

@@ -33,7 +33,7 @@ def shipped_fp32():
 
 @pytest.fixture(scope="session")
 def calibration(shipped_fp32):
-    from moekern.compress.calibration import calibration_blocks
+    from moekern.compression.calibration import calibration_blocks
 
     return calibration_blocks(shipped_fp32[1], samples=SAMPLES, seq_len=SEQ_LEN)
 

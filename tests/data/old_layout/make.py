@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests/, for tiny_models
 
 import moekern  # noqa: E402
 from moekern import surgery  # noqa: E402
-from moekern.quant import QuantConfig, quantize_  # noqa: E402
+from moekern.compression.slimming import QuantConfig, quantize_  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 PROMPT = [[5, 17, 33, 2, 61, 40], [8, 9, 10, 11, 12, 13]]
