@@ -62,6 +62,34 @@ print(json.dumps({"step_bytes": total}))
 """
 
 
+def llamacpp_build() -> str | None:
+    """llama.cpp's own line of the CPU features it was built for (llama_print_system_info), from the peer's
+    environment: which kernels the peer ran (an AMX build, say, or one without AVX-512)."""
+    python = PEER_HOME / "venv" / "bin" / "python"
+    if not python.exists():
+        return None
+    done = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def machine_facts() -> dict:
+    """The CPU, moekern's kernel variant, versions and commit, for the record."""
+    import platform
+
+    import torch
+    import transformers
+
+    from bench_cpu_moe import commit, cpu_model  # beside this file
+    from moekern.ops import cpu
+
+    facts = {"cpu": cpu_model(), "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version(), "commit": commit(), "llama.cpp_build": llamacpp_build()}
+    if cpu.available():
+        facts.update(cpu_flags=cpu.cpu_flags(), isa_variant=cpu.isa_name(), inner=cpu.INNER_DEFAULT)
+    return facts
+
+
 def llamacpp_step_bytes(folder: Path, kind: str = "q4_0") -> int | None:
     """Bytes a one-token llama.cpp decode step reads from the GGUF the peer wrote for `folder`, or None if absent."""
     gguf_file = PEER_HOME / "gguf" / f"{folder.name}-{kind}.gguf"
@@ -199,8 +227,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     given = argv if argv is not None else sys.argv[1:]
     record = {"command": "python benchmarks/cpu_side_by_side.py " + " ".join(given),
-              "folder": str(args.folder), "threads": args.threads, "context": args.context, "llama.cpp": {},
-              "moekern": {}}
+              "folder": str(args.folder), "threads": args.threads, "context": args.context, **machine_facts(),
+              "llama.cpp": {}, "moekern": {}}
     peer_command = [str(PEER), str(args.folder), str(args.threads), str(args.context)]
     for kind, context, tok_s, step_ms in LINE.findall(run(peer_command, env)):
         record["llama.cpp"][kind] = {"prefill_tok_s": float(tok_s), "decode_step_ms": float(step_ms)}
