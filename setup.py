@@ -21,7 +21,8 @@ from setuptools import setup
 # The same files and flags as the JIT build of moekern/ops/cpu.py (SOURCES, CFLAGS): each ISA variant gets its target
 # from a pragma in its own file, so one set of flags serves them all.
 CPU_SOURCES = [f"csrc/cpu/{name}" for name in ("ops.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_portable.cpp")]
-CPU_CFLAGS = ["-O3", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+CPU_CFLAGS = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+CPU_LDFLAGS = ["-fopenmp"]
 
 
 def cpu_extension_or_reason():
@@ -35,7 +36,8 @@ def cpu_extension_or_reason():
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return None, f"no C++ compiler ({compiler!r} is not on the PATH)"
-    return CppExtension(name="moekern._cpu", sources=CPU_SOURCES, extra_compile_args=CPU_CFLAGS), None
+    return CppExtension(name="moekern._cpu", sources=CPU_SOURCES, extra_compile_args=CPU_CFLAGS,
+                        extra_link_args=CPU_LDFLAGS), None
 
 
 ext_modules, cmdclass = [], {}

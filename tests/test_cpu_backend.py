@@ -129,8 +129,10 @@ def test_describe_names_the_variant(monkeypatch):
     quantize_(model, QuantConfig("rtn", group_size=8))
     monkeypatch.setenv("MOEKERN_CPU_ISA", "avx2" if "avx2" in cpu.cpu_flags().split() else "portable")
     paths = backend.describe(model)["paths"]
-    assert paths == {"4-bit experts": f"C++ CPU kernels ({cpu.isa_name()}, int8 activations)"}
-    assert backend.describe(tiny_model("olmoe"))["paths"] == {"float32 experts": f"C++ CPU kernels ({cpu.isa_name()})"}
+    threads = f"{torch.get_num_threads()} threads"
+    assert paths == {"4-bit experts": f"C++ CPU kernels ({cpu.isa_name()}, int8 activations, {threads})"}
+    assert backend.describe(tiny_model("olmoe"))["paths"] == {
+        "float32 experts": f"C++ CPU kernels ({cpu.isa_name()}, {threads})"}
 
 
 SCRIPT = """

@@ -255,6 +255,18 @@ def test_read_probe_reads_every_byte():
     assert cpu.read_bytes(buf) == int(buf.sum())
 
 
+def test_work_is_spread_over_torchs_threads():
+    """The kernels split their work with at::parallel_for, which runs on one thread unless the library was built with
+    OpenMP: every op would then read memory at one core's rate."""
+    before = torch.get_num_threads()
+    try:
+        for threads in sorted({1, 2, before}):
+            torch.set_num_threads(threads)
+            assert cpu.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_auto_picks_the_best_variant_this_cpu_has():
     flags = cpu.cpu_flags().split()
     best = "avx512" if "avx512vnni" in flags else ("avx2" if "avx2" in flags else "portable")

@@ -935,6 +935,19 @@ int64_t read_bytes(const at::Tensor& buf, int64_t isa) {
 
 std::string isa_name(int64_t isa) { return variant(isa)->name; }
 
+// The number of distinct threads at::parallel_for runs its chunks on from this library: at::get_num_threads() where
+// the library was built with OpenMP, 1 where it was not (at::parallel_for is a header template, and without OpenMP it
+// calls f(begin, end) on the calling thread).
+int64_t parallel_threads() {
+  const int64_t n = at::get_num_threads();
+  std::vector<int64_t> ran_on(n, -1);
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) ran_on[i] = at::get_thread_num();
+  });
+  std::sort(ran_on.begin(), ran_on.end());
+  return std::unique(ran_on.begin(), ran_on.end()) - ran_on.begin();
+}
+
 }  // namespace
 }  // namespace moekern_cpu
 
@@ -962,4 +975,5 @@ TORCH_LIBRARY(moekern_cpu, m) {
         &route);
   m.def("linear_dense(Tensor x, Tensor w, Tensor? bias, int isa) -> Tensor", &linear_dense);
   m.def("read_bytes(Tensor buf, int isa) -> int", &read_bytes);
+  m.def("parallel_threads() -> int", [] { return parallel_threads(); });
 }

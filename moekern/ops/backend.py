@@ -149,7 +149,7 @@ def _detail(path: str, reason: str | None, quantized: bool) -> str:
 
     if path == "cpu":
         inner = f", {cpu.INNERS[cpu.inner()]} activations" if quantized else ""
-        return f"C++ CPU kernels ({cpu.isa_name()}{inner})"
+        return f"C++ CPU kernels ({cpu.isa_name()}{inner}, {cpu.parallel_threads()} threads)"
     if path == "reference":
         reason = reason or (cpu.unavailable_reason() if requested() == "auto" else "MOEKERN_BACKEND=reference")
         return "PyTorch reference" + (f" ({reason})" if reason else "")

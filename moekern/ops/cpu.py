@@ -29,8 +29,11 @@ from moekern.ops.reference import Activation
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 SOURCES = ("ops.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_portable.cpp")
 HEADERS = ("kernels.h", "kernels_impl.h")
-# -O3 for every file; the ISA of each variant comes from its own target pragma, never from -march.
-CFLAGS = ["-O3", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+# -O3 for every file; the ISA of each variant comes from its own target pragma, never from -march. -fopenmp: torch's
+# at::parallel_for is a header template that spreads work over threads only where the including file is compiled
+# with OpenMP (torch's own parallel backend); without it every op of the extension runs on the calling thread alone.
+CFLAGS = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+LDFLAGS = ["-fopenmp"]  # links libgomp, the OpenMP runtime torch itself loads (the same soname: one thread pool)
 
 ISAS = ("portable", "avx2", "avx512")  # the index is the ISA code the C++ ops take
 INNERS = ("int8", "bf16", "fp32")  # likewise
@@ -101,7 +104,7 @@ def build_directory() -> Path:
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:12]}"
     root = Path(os.environ.get("MOEKERN_CACHE") or Path.home() / ".cache" / "moekern")
     return root / "cpu-kernels" / tag
@@ -139,7 +142,7 @@ def _jit_build():
     sources = _staged_sources(directory / "src")
     try:
         cpp_extension.load(name="moekern_cpu", sources=[str(sources / s) for s in SOURCES],
-                           extra_cflags=CFLAGS, build_directory=str(directory), is_python_module=False,
+                           extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory), is_python_module=False,
                            verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler error, a missing tool
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -228,6 +231,11 @@ def route(logits, spec, alive=None, correction_bias=None, skip_beta=None, expert
                                      spec.n_group, spec.topk_group, spec.group_score == "top2_sum", alive,
                                      correction_bias, skip_beta or 0.0, expert_row)
     return (weights, ids) if expert_row is None else (weights, rows)
+
+
+def parallel_threads() -> int:
+    """How many threads the kernels' work is spread over (torch's intra-op threads; 1 if built without OpenMP)."""
+    return ops().parallel_threads()
 
 
 def read_bytes(buffer: torch.Tensor) -> int:
