@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from moekern.ops import cpu  # noqa: E402
 from moekern.ops.reference import Activation  # noqa: E402
+from moekern.runs import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "cpu"
 
@@ -60,16 +61,6 @@ def commit() -> str | None:
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 PROBE = "read probe"

@@ -80,8 +80,9 @@ def machine_facts() -> dict:
     import torch
     import transformers
 
-    from bench_cpu_moe import commit, cpu_model  # beside this file
+    from bench_cpu_moe import commit  # beside this file
     from moekern.ops import cpu
+    from moekern.runs import cpu_model
 
     facts = {"cpu": cpu_model(), "torch": torch.__version__, "transformers": transformers.__version__,
              "python": platform.python_version(), "commit": commit(), "llama.cpp_build": llamacpp_build()}

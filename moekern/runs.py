@@ -54,8 +54,20 @@ def environment(device: str) -> dict:
     import transformers
 
     name = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    return {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__}
+            else f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)")
+    return {"device_name": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "commit": source_commit()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> str:

@@ -150,7 +150,7 @@ class Paper:
             calibration={"source": args.calib or "shipped training corpus", "samples": int(self.calibration.shape[0]),
                          "seq_len": int(self.calibration.shape[1]), "seed": args.seed},
             order=args.order, recipes=args.recipes, matrix_tokens=args.matrix_tokens,
-            copy_bandwidth_bytes_s=self.bandwidth, commit=source_commit(), python=platform.python_version(),
+            copy_bandwidth_bytes_s=self.bandwidth, python=platform.python_version(),
             threads=torch.get_num_threads(), machine=machine(), **environment(args.device))
         print(f"moekern paper: {self.model_name} on {args.device} ({args.dtype}); calibration "
               f"{self.calibration.shape[0]} x {self.calibration.shape[1]} tokens; speed at context {args.context}, "
