@@ -10,7 +10,7 @@ import moekern
 from moekern import surgery
 from moekern.cli import main
 from moekern.compression.slimming import QuantConfig, quantize_
-from moekern.serving.server import flag_value
+from moekern.serving.server import cpu_mla_backend, flag_value
 
 
 def serve(capsys, *argv):
@@ -74,3 +74,16 @@ def test_vllm_flags_pass_through():
     args = ["--dtype", "float32", "--port", "8001", "--tensor-parallel-size=2", "--port=8002"]
     assert flag_value(args, "--port") == "8002" and flag_value(args, "--tensor-parallel-size") == "2"
     assert flag_value(args, "--host") is None
+
+
+def test_a_float32_mla_model_on_vllms_cpu_build_gets_the_reference_cpu_mla():
+    """vLLM's AMX latent-attention backend (picked wherever torch sees AMX) refuses float32 weights."""
+    mla, fp32 = {"kv_lora_rank": 512, "dtype": "bfloat16"}, ["--dtype", "float32"]
+    assert cpu_mla_backend(mla, fp32, cpu_build=True) == [*fp32, "--attention-backend", "CPU_MLA"]
+    assert cpu_mla_backend({**mla, "dtype": "float32"}, [], cpu_build=True) == ["--attention-backend", "CPU_MLA"]
+    chosen = [*fp32, "--attention-backend=AMX_MLA"]
+    assert cpu_mla_backend(mla, chosen, cpu_build=True) == chosen  # the user's choice stands
+    assert cpu_mla_backend(mla, ["--dtype", "bfloat16"], cpu_build=True) == ["--dtype", "bfloat16"]
+    assert cpu_mla_backend(mla, [], cpu_build=True) == []  # bfloat16 from the config
+    assert cpu_mla_backend(mla, fp32, cpu_build=False) == fp32  # a GPU build picks its own
+    assert cpu_mla_backend({"dtype": "float32"}, fp32, cpu_build=True) == fp32  # no MLA

@@ -104,6 +104,22 @@ def flag_value(args: list[str], name: str) -> str | None:
     return value
 
 
+def cpu_mla_backend(config: dict, vllm_args: list[str], cpu_build: bool) -> list[str]:
+    """vLLM's CPU build picks its AMX latent-attention backend for DeepSeek-V2/V3 (MLA) wherever torch sees AMX, and
+    that backend takes only 16-bit weights: a float32 model fails as the server starts ("expect weight to be
+    bfloat16, float16, ..."). For a float32 MLA model on the CPU build, unless the flags name a backend, ask for
+    vLLM's reference CPU MLA, which takes any dtype (and is what vLLM picks where there is no AMX)."""
+    dtype = flag_value(vllm_args, "--dtype") or "auto"
+    if dtype == "auto":
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    if (cpu_build and config.get("kv_lora_rank") and dtype in ("float32", "float")
+            and flag_value(vllm_args, "--attention-backend") is None):
+        print("moekern serve: a float32 latent-attention (MLA) model on vLLM's CPU build: --attention-backend CPU_MLA "
+              "(vLLM's AMX backend takes 16-bit weights only)", file=sys.stderr, flush=True)
+        return [*vllm_args, "--attention-backend", "CPU_MLA"]
+    return vllm_args
+
+
 def check_port(host: str | None, port: int) -> None:
     """Refuse a port something already listens on (bound as uvicorn binds it, with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET6 if host and ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -129,12 +145,13 @@ def serve(model: str, vllm_args: list[str], venv: str | None = None, dry_run: bo
     from moekern.checkpoint import resolve_model_dir
 
     folder = resolve_model_dir(model).resolve()
-    check_folder(folder)
+    config = check_folder(folder)
     port = flag_value(vllm_args, "--port") or str(DEFAULT_PORT)
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise MoekernError(f"--port must be a port number, got {port!r}")
     check_port(flag_value(vllm_args, "--host"), int(port))
     python, cli = serving_python(venv)
+    vllm_args = cpu_mla_backend(config, vllm_args, cpu_build=not cli)
     argv = command(python, folder, vllm_args, cli)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     print(f"moekern serve: {shlex.join(argv)}", file=sys.stderr, flush=True)
