@@ -11,8 +11,9 @@ Per path and token count: median and best time over --repeats calls (the paths t
 hits them alike), the bytes the call must read (the weights of the distinct experts the routing reaches, read once:
 4-bit codes, scales and zeros; dense weights in their dtype), and the GB/s that makes against the machine's read
 bandwidth: the kernels' own probe (a 1 GiB buffer read with vector loads on every thread) takes turns with the paths,
-and each row's reference is the faster of the probe and the fastest path, in the same minutes. The 4-bit layer is random codes, scales and zeros in moekern's layout, group --group (speed
-does not depend on the values); routing is uniform at random (top-k distinct experts per token, seeded).
+and each row's reference is the faster of the probe and the fastest path, in the same minutes. The 4-bit layer is
+random codes, scales and zeros in moekern's layout, group --group (speed does not depend on the values); routing is
+uniform at random (top-k distinct experts per token, seeded).
 
 Writes benchmarks/results/cpu/bench_cpu_moe-<models>.json (CPU model, flags, threads, versions, commit, command) after
 every model. Times on a shared machine are noisy: compare paths within one run (the ratios), not across runs.
@@ -23,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from moekern.ops import cpu  # noqa: E402
 from moekern.ops.reference import Activation  # noqa: E402
-from moekern.runs import cpu_model  # noqa: E402
+from moekern.runs import cpu_model, source_commit  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "cpu"
 
@@ -50,17 +50,6 @@ MODELS = {
     "in-cache": (4096, 1024, 1, 1, "a 4096 x 1024 expert"),
 }
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
-
-
-def commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 PROBE = "read probe"
@@ -260,7 +249,7 @@ def main(argv=None) -> int:
         "cpu": cpu_model(), "cpu_flags": cpu.cpu_flags(), "threads": torch.get_num_threads(),
         "isa_variant": cpu.isa_name(), "inner_default": cpu.INNER_DEFAULT, "group": args.group, "clock": args.clock,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "commit": commit(), "read_bandwidth_bytes_s": bandwidth,
+        "commit": source_commit(), "read_bandwidth_bytes_s": bandwidth,
         "note": "median and best of --repeats calls, paths taking turns; a shared machine: compare within one run",
         "rows": [],
     }

@@ -80,12 +80,11 @@ def machine_facts() -> dict:
     import torch
     import transformers
 
-    from bench_cpu_moe import commit  # beside this file
     from moekern.ops import cpu
-    from moekern.runs import cpu_model
+    from moekern.runs import cpu_model, source_commit
 
     facts = {"cpu": cpu_model(), "torch": torch.__version__, "transformers": transformers.__version__,
-             "python": platform.python_version(), "commit": commit(), "llama.cpp_build": llamacpp_build()}
+             "python": platform.python_version(), "commit": source_commit(), "llama.cpp_build": llamacpp_build()}
     if cpu.available():
         facts.update(cpu_flags=cpu.cpu_flags(), isa_variant=cpu.isa_name(), inner=cpu.INNER_DEFAULT)
     return facts

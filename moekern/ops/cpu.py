@@ -141,8 +141,8 @@ def _jit_build():
         _say(f"building the C++ CPU kernels once into {directory} (about a minute) ...")
     sources = _staged_sources(directory / "src")
     try:
-        cpp_extension.load(name="moekern_cpu", sources=[str(sources / s) for s in SOURCES],
-                           extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory), is_python_module=False,
+        cpp_extension.load(name="moekern_cpu", sources=[str(sources / s) for s in SOURCES], extra_cflags=CFLAGS,
+                           extra_ldflags=LDFLAGS, build_directory=str(directory), is_python_module=False,
                            verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler error, a missing tool
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
