@@ -15,6 +15,12 @@ and each row's reference is the faster of the probe and the fastest path, in the
 random codes, scales and zeros in moekern's layout, group --group (speed does not depend on the values); routing is
 uniform at random (top-k distinct experts per token, seeded).
 
+Each timed call comes right after an untimed call of the same path on a tiny layer (hidden 256, top-k experts): in a
+model's decode loop one layer's MoE follows another's, so its code, the allocator and the threads are warm while its
+weights are cold, and so they are here (the probe and the other paths read GBs between two calls of a path). A lone
+call after those reads (--no-prelude) also pays for instruction and data misses outside the weights and for waking
+the threads: about 0.1 ms a call on the 2-core machine of the README, a quarter of a small expert layer's time.
+
 Writes benchmarks/results/cpu/bench_cpu_moe-<models>.json (CPU model, flags, threads, versions, commit, command) after
 every model. Times on a shared machine are noisy: compare paths within one run (the ratios), not across runs.
 """
@@ -50,6 +56,7 @@ MODELS = {
     "in-cache": (4096, 1024, 1, 1, "a 4096 x 1024 expert"),
 }
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+TINY = (256, 128)  # hidden and expert intermediate of the preludes' layer (see timed)
 
 
 PROBE = "read probe"
@@ -104,17 +111,54 @@ def routing(tokens, experts, top_k, generator):
     return ids, torch.rand(tokens, top_k, generator=generator)
 
 
-def timed(paths: dict, repeats: int, budget_s: float = 30.0) -> dict:
-    """Median and best seconds of each path; the paths take turns (one warm-up call each first). A path stops being
-    timed once it has taken budget_s (with at least 3 samples): transformers' batched_mm is seconds per call here."""
+def timed(paths: dict, repeats: int, preludes: dict | None = None, budget_s: float = 30.0) -> dict:
+    """Median and best seconds of each path; the paths take turns (one warm-up call each first), and each timed call
+    follows its path's prelude (untimed) where one is given. A path stops being timed once it has taken budget_s (with
+    at least 3 samples): transformers' batched_mm is seconds per call here."""
     for fn in paths.values():
         fn()
     times = {name: [] for name in paths}
     for _ in range(repeats):
         for name, fn in paths.items():
             if len(times[name]) < 3 or sum(times[name]) < budget_s:
+                if preludes:
+                    preludes[name]()
                 times[name].append(_seconds(fn))
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def layer_paths(x32, ids, weights, gate_up4, down4, dense: dict, inners, group, max_gather_gb, act, say=print) -> dict:
+    """name -> (call, weights' kind) of every path on one layer: moekern's 4-bit kernel per inner product, its dense
+    kernel and transformers' experts implementations per dtype (those this torch build runs)."""
+    tokens, top_k = ids.shape
+    paths = {}
+    for inner in inners:
+        def run4(inner=inner):
+            os.environ["MOEKERN_CPU_INNER"] = inner
+            cpu.moe_experts_4bit(x32, ids, weights, gate_up4, down4, act=act)
+        paths[f"moekern 4-bit g{group} ({inner})"] = (run4, "4-bit")
+    for dtype, module in dense.items():
+        x = x32.to(module.gate_up_proj.dtype)
+        paths[f"moekern {dtype}"] = (lambda x=x, m=module: cpu.moe_experts_dense(
+            x, ids, weights, m.gate_up_proj, m.down_proj, act=act), dtype)
+        per_expert = sum(p.numel() * p.element_size() for p in module.parameters()) // module.gate_up_proj.shape[0]
+        for impl in HF_IMPLEMENTATIONS:
+            gathered = tokens * top_k * per_expert
+            if impl == "batched_mm" and gathered > max_gather_gb * 1e9:
+                say(f"  transformers batched_mm {dtype}: skipped, it would copy {gathered / 1e9:.1f} GB of "
+                      f"weights (one expert per token and slot; --max-gather-gb {max_gather_gb})")
+                continue
+
+            def run_hf(x=x, m=module, impl=impl):
+                m.config._experts_implementation = impl
+                m(x, ids, weights)
+            try:
+                run_hf()
+            except Exception as exc:  # an implementation this torch build lacks on the CPU
+                say(f"  transformers {impl} {dtype}: unavailable ({type(exc).__name__}: {exc})")
+                continue
+            paths[f"transformers {impl} {dtype}"] = (run_hf, dtype)
+    return paths
 
 
 @torch.no_grad()
@@ -137,44 +181,31 @@ def bench_model(name, args, bandwidth) -> list[dict]:
     inners = cpu.INNERS if args.inner == "all" else (args.inner,)
     if "bf16" in inners and "avx512bf16" not in cpu.cpu_flags().split():
         inners = tuple(i for i in inners if i != "bf16")
+    # The preludes' layer: top_k experts of hidden 256, every one of them routed
+    tiny_gen = torch.Generator().manual_seed(1)
+    tiny_gate_up4 = random_4bit(top_k, 2 * TINY[1], TINY[0], args.group, tiny_gen)
+    tiny_down4 = random_4bit(top_k, TINY[0], TINY[1], args.group, tiny_gen)
+    tiny_dense = {dtype: hf_experts(*TINY, top_k, top_k, getattr(torch, dtype), tiny_gen) for dtype in args.dtypes}
+    tiny_probe = torch.ones(1 << 16, dtype=torch.uint8)
     for tokens in args.tokens:
         ids, weights = routing(tokens, experts, top_k, gen)
         distinct = ids.unique().numel()
         x32 = torch.randn(tokens, hidden, generator=gen)
-        paths, kind = {}, {}
-        for inner in inners:
-            def run4(inner=inner):
-                os.environ["MOEKERN_CPU_INNER"] = inner
-                cpu.moe_experts_4bit(x32, ids, weights, gate_up4, down4, act=act)
-            paths[f"moekern 4-bit g{args.group} ({inner})"] = run4
-            kind[f"moekern 4-bit g{args.group} ({inner})"] = "4-bit"
-        for dtype, module in dense.items():
-            x = x32.to(module.gate_up_proj.dtype)
-            paths[f"moekern {dtype}"] = (lambda x=x, m=module: cpu.moe_experts_dense(
-                x, ids, weights, m.gate_up_proj, m.down_proj, act=act))
-            kind[f"moekern {dtype}"] = dtype
-            for impl in HF_IMPLEMENTATIONS:
-                gathered = tokens * top_k * per_expert[dtype]
-                if impl == "batched_mm" and gathered > args.max_gather_gb * 1e9:
-                    print(f"  transformers batched_mm {dtype}: skipped, it would copy {gathered / 1e9:.1f} GB of "
-                          f"weights (one expert per token and slot; --max-gather-gb {args.max_gather_gb})")
-                    continue
-
-                def run_hf(x=x, m=module, impl=impl):
-                    m.config._experts_implementation = impl
-                    m(x, ids, weights)
-                try:
-                    run_hf()
-                except Exception as exc:  # an implementation this torch build lacks on the CPU
-                    print(f"  transformers {impl} {dtype}: unavailable ({type(exc).__name__}: {exc})")
-                    continue
-                paths[f"transformers {impl} {dtype}"] = run_hf
-                kind[f"transformers {impl} {dtype}"] = dtype
+        paths = layer_paths(x32, ids, weights, gate_up4, down4, dense, inners, args.group, args.max_gather_gb, act)
+        kind = {name: k for name, (_, k) in paths.items()}
+        tiny_ids = torch.arange(top_k).repeat(tokens, 1)
+        tiny_x = torch.randn(tokens, TINY[0], generator=tiny_gen)
+        tiny = layer_paths(tiny_x, tiny_ids, weights, tiny_gate_up4, tiny_down4, tiny_dense, inners, args.group,
+                           args.max_gather_gb, act, say=lambda _: None)
+        preludes = {name: tiny[name][0] for name in paths} if args.prelude else None
+        paths = {name: fn for name, (fn, _) in paths.items()}
         # The probe takes turns with the paths: a shared machine's bandwidth drifts over minutes, so each row is
         # judged against the read rate of the same minutes, and against the fastest path when that read faster
         # (the conservative reference: a fraction of what this machine was seen to deliver, never of a low probe).
         paths[PROBE] = lambda: cpu.read_bytes(bandwidth.buffer)
-        results = timed(paths, args.repeats)
+        if preludes:
+            preludes[PROBE] = lambda: cpu.read_bytes(tiny_probe)
+        results = timed(paths, args.repeats, preludes)
         os.environ.pop("MOEKERN_CPU_INNER", None)
         probe_median = results.pop(PROBE)[0]
         seen = max(bandwidth.buffer.numel() / probe_median,
@@ -224,6 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--max-gather-gb", type=float, default=3.0,
                         help="skip transformers' batched_mm where it would copy more weights than this (default: 3)")
+    parser.add_argument("--no-prelude", dest="prelude", action="store_false",
+                        help="time lone calls: no call of the path on a tiny layer before each timed one, so the "
+                        "timed call also pays for code, allocator and threads that the paths between evicted or idled")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall time, or the calling thread's CPU time (meaningful with --threads 1: the time the "
@@ -250,7 +284,9 @@ def main(argv=None) -> int:
         "isa_variant": cpu.isa_name(), "inner_default": cpu.INNER_DEFAULT, "group": args.group, "clock": args.clock,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "commit": source_commit(), "read_bandwidth_bytes_s": bandwidth,
-        "note": "median and best of --repeats calls, paths taking turns; a shared machine: compare within one run",
+        "prelude": args.prelude,
+        "note": "median and best of --repeats calls, paths taking turns, each timed call after an untimed one of its "
+                "path on a tiny layer (unless prelude is false); a shared machine: compare within one run",
         "rows": [],
     }
     print(f"{record['cpu']} ({record['cpu_flags']}), {record['threads']} threads, variant {record['isa_variant']}, "

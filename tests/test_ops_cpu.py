@@ -311,6 +311,22 @@ def test_router_equals_reference(family, tokens, experts):
                 assert torch.equal(rows, row[ids_ref.clamp(min=0)].masked_fill(ids_ref == R.NO_EXPERT, R.NO_EXPERT))
 
 
+@pytest.mark.parametrize("act", [R.Activation("silu"), R.Activation("clamped_swiglu", alpha=1.702, limit=7.0)])
+def test_gated_activation_equals_reference(isa, act):
+    """The decode path's epilogue (a vector exp in the avx512 and avx2 variants) against torch's SiLU / sigmoid, over
+    odd widths and the whole fp32 range: where exp overflows or underflows, 0, inf and NaN. fp32 bound: 1e-6 of each
+    element (a few ulp), and 1e-30 absolute (e^x of x below -87 is a subnormal or 0 in torch, and the avx2 variant
+    stops at 1.2e-38)."""
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 20.0, -20.0, 87.0, -87.0, 88.5, -88.5, 89.5, -89.5,
+                            103.0, -103.0, 110.0, -110.0, 1e4, -1e4, float("inf"), float("-inf"), float("nan")])
+    for width in (1, 15, 16, 17, 37, 1024 + 5):
+        gate_up = torch.randn(3, 2 * width) * torch.tensor([1.0, 10.0, 100.0]).unsqueeze(1)
+        flat = gate_up.view(-1)
+        flat[torch.randperm(flat.numel())[:special.numel()]] = special[:flat.numel()]
+        got, want = cpu.gated_activation(gate_up, act), R.gated_activation(gate_up, act)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_dense_linear(isa, dtype, rows):

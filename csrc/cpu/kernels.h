@@ -117,6 +117,8 @@ struct Kernels {
   void (*prepare_rows)(const void* src, int src_dtype, int64_t ld_src, const int64_t* src_row, int64_t rows,
                        const float* in_scale, const int64_t* in_scale_row, int64_t in_scale_stride,
                        const Prepared& out, int64_t row0, int64_t row1);
+  // h[i] = the gated activation (Act, alpha, limit) of gate g[i] and up u[i], i < n
+  void (*gate_columns)(const float* g, const float* u, float* h, int64_t n, int act, float alpha, float limit);
   void (*gemm)(const GemmJob& job, int64_t item0, int64_t item1);
   void (*q4_stream)(const StreamJob& job, int64_t item0, int64_t item1);
   // Streams `bytes` of memory with vector loads; returns a value that depends on all of them (the read bandwidth

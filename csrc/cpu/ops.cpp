@@ -381,38 +381,33 @@ at::Tensor q4_decode_sums(const Kernels* kern, const Q4Weight& w, const Prepared
   return sums;
 }
 
-float gated_value(float g, float u, int64_t act, float alpha, float limit) {
-  if (act == ACT_SILU) return g / (1.0f + std::exp(-g)) * u;
-  g = std::min(g, limit);
-  u = std::max(-limit, std::min(u, limit));
-  return (u + 1.0f) * g / (1.0f + std::exp(-g * alpha));
-}
-
 // The decode path's epilogue of gate_up, with the sum of the items' partials: hidden [rows, I] = act(gate + bias,
 // up + bias) of each row's sums [2I] (gate rows then up rows, or interleaved).
-void gate_epilogue(const DecodeSums& d, const float* bias, const int64_t* expert_of, const int64_t* row_begin,
-                   int64_t rows, int64_t I, bool interleaved, int64_t act, float alpha, float limit, float* hidden) {
+void gate_epilogue(const Kernels* kern, const DecodeSums& d, const float* bias, const int64_t* expert_of,
+                   const int64_t* row_begin, int64_t rows, int64_t I, bool interleaved, int64_t act, float alpha,
+                   float limit, float* hidden) {
   const int64_t pieces = ceil_div(I, kReduceCols);
   parallel(rows * pieces, d.bytes(), [&](int64_t p0, int64_t p1) {
-    float g[2 * kReduceCols], u[kReduceCols];
+    float sums[2 * kReduceCols], g[kReduceCols], u[kReduceCols];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r = p / pieces, c0 = (p % pieces) * kReduceCols, c1 = std::min(I, c0 + kReduceCols);
       const int64_t e = expert_of[r], m = r - row_begin[e], nc = c1 - c0;
       const float* b = bias ? bias + e * 2 * I : nullptr;
-      float* h = hidden + r * I;
       if (interleaved) {
-        d.row_sums(e, m, 2 * c0, 2 * c1, g);
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t j = 2 * (c - c0);
-          h[c] = gated_value(g[j] + (b ? b[2 * c] : 0.0f), g[j + 1] + (b ? b[2 * c + 1] : 0.0f), act, alpha, limit);
+        d.row_sums(e, m, 2 * c0, 2 * c1, sums);
+        for (int64_t j = 0; j < nc; ++j) {
+          g[j] = sums[2 * j] + (b ? b[2 * (c0 + j)] : 0.0f);
+          u[j] = sums[2 * j + 1] + (b ? b[2 * (c0 + j) + 1] : 0.0f);
         }
       } else {
         d.row_sums(e, m, c0, c1, g);
         d.row_sums(e, m, I + c0, I + c1, u);
-        for (int64_t j = 0; j < nc; ++j)
-          h[c0 + j] = gated_value(g[j] + (b ? b[c0 + j] : 0.0f), u[j] + (b ? b[I + c0 + j] : 0.0f), act, alpha,
-                                  limit);
+        for (int64_t j = 0; b && j < nc; ++j) {
+          g[j] += b[c0 + j];
+          u[j] += b[I + c0 + j];
+        }
       }
+      kern->gate_columns(g, u, hidden + r * I + c0, nc, (int)act, alpha, limit);
     }
   });
 }
@@ -520,7 +515,7 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
                       decode_path(kern, inner, wd, r.row_begin.data(), E);
   if (decode) {
     DecodeSums sums = q4_decode(kern, wgu, xa.p, r.row_begin.data(), act_row.data(), E);
-    gate_epilogue(sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.row_begin.data(),
+    gate_epilogue(kern, sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.row_begin.data(),
                   r.rows, inter, interleaved, act, (float)alpha, (float)limit, hidden.data_ptr<float>());
   } else {
     GemmJob job{};
@@ -933,6 +928,19 @@ int64_t read_bytes(const at::Tensor& buf, int64_t isa) {
   return (int64_t)total.load();
 }
 
+// The decode path's gated activation on its own (gate, up: fp32 of one shape), for the tests: the vector exp of each
+// variant against torch's.
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t act, double alpha, double limit,
+                            int64_t isa) {
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.sizes() == up.sizes(),
+              "moekern: gate and up must be fp32 tensors of one shape");
+  auto g = gate.contiguous(), u = up.contiguous();
+  auto h = alloc(g.sizes(), at::kFloat);
+  variant(isa)->gate_columns(g.data_ptr<float>(), u.data_ptr<float>(), h.data_ptr<float>(), g.numel(), (int)act,
+                             (float)alpha, (float)limit);
+  return h;
+}
+
 std::string isa_name(int64_t isa) { return variant(isa)->name; }
 
 // The number of distinct threads at::parallel_for runs its chunks on from this library: at::get_num_threads() where
@@ -975,5 +983,7 @@ TORCH_LIBRARY(moekern_cpu, m) {
         &route);
   m.def("linear_dense(Tensor x, Tensor w, Tensor? bias, int isa) -> Tensor", &linear_dense);
   m.def("read_bytes(Tensor buf, int isa) -> int", &read_bytes);
+  m.def("gated_activation(Tensor gate, Tensor up, int act, float alpha, float limit, int isa) -> Tensor",
+        &gated_activation);
   m.def("parallel_threads() -> int", [] { return parallel_threads(); });
 }

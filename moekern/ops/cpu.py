@@ -208,6 +208,15 @@ def moe_experts_dense(x, ids, weights, w_gate_up, w_down, b_gate_up=None, b_down
                            act.limit, act.kind == "clamped_swiglu", isa())
 
 
+def gated_activation(gate_up: torch.Tensor, act: Activation = Activation()) -> torch.Tensor:
+    """reference.gated_activation (fp32) with the kernels' vector exp: the epilogue of their decode path."""
+    if act.kind == "silu":
+        gate, up = gate_up.chunk(2, dim=-1)
+    else:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    return ops().gated_activation(gate, up, ACTS[act.kind], act.alpha, act.limit, isa())
+
+
 def linear_4bit(x: torch.Tensor, weight: tuple, bias=None, input_scale=None) -> torch.Tensor:
     """F.linear(x * input_scale, dequantize(W), bias) for x [..., K]; weight: (qweight [K/8, N], scales, zeros)."""
     out = ops().linear_q4(x.reshape(-1, x.shape[-1]), list(weight), bias, input_scale, inner(), isa())
