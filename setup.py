@@ -12,6 +12,7 @@ MOEKERN_BUILD_CPU: 0 skips the extension even where it could be built; 1 makes a
 instead of a warning.
 """
 
+import hashlib
 import os
 import shutil
 import sys
@@ -23,6 +24,17 @@ from setuptools import setup
 CPU_SOURCES = [f"csrc/cpu/{name}" for name in ("ops.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_portable.cpp")]
 CPU_CFLAGS = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 CPU_LDFLAGS = ["-fopenmp"]
+CPU_HEADERS = [f"csrc/cpu/{name}" for name in ("kernels.h", "kernels_impl.h")]
+
+
+def sources_sha256() -> str:
+    """moekern.ops.cpu.sources_sha256 (the same files in the same order), built into the library: moekern loads it
+    only while csrc/cpu/ still holds these sources (moekern.ops.cpu.library_matches_sources)."""
+    digest = hashlib.sha256()
+    for path in CPU_SOURCES + CPU_HEADERS:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def cpu_extension_or_reason():
@@ -36,7 +48,8 @@ def cpu_extension_or_reason():
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return None, f"no C++ compiler ({compiler!r} is not on the PATH)"
-    return CppExtension(name="moekern._cpu", sources=CPU_SOURCES, extra_compile_args=CPU_CFLAGS,
+    cflags = CPU_CFLAGS + [f"-DMOEKERN_SOURCES_SHA256={sources_sha256()}"]
+    return CppExtension(name="moekern._cpu", sources=CPU_SOURCES, extra_compile_args=cflags,
                         extra_link_args=CPU_LDFLAGS), None
 
 

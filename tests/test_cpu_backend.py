@@ -168,6 +168,32 @@ def test_without_a_compiler_the_reference_runs_and_says_so_once(tmp_path):
     assert "MOEKERN_BACKEND=cpu: the C++ CPU kernels are not available (no C++ compiler" in forced.stderr
 
 
+def test_a_prebuilt_library_of_other_sources_gives_way(tmp_path, monkeypatch):
+    """setup.py builds the digest of csrc/cpu/'s sources into the library it builds ahead of time, and moekern loads
+    that library only while csrc/cpu/ holds those sources (else it builds them): an edit or a pull after
+    `pip install --no-build-isolation -e .` cannot leave old kernels running."""
+    import runpy
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.chdir(ROOT)
+    assert runpy.run_path(str(ROOT / "setup.py"))["sources_sha256"]() == cpu.sources_sha256()
+    library = tmp_path / "_cpu.so"
+    library.write_bytes(b"\x7fELF\0...moekern-sources-sha256:" + cpu.sources_sha256().encode() + b"\0...")
+    assert cpu.library_matches_sources(library)
+    library.write_bytes(b"\x7fELF\0...moekern-sources-sha256:" + b"0" * 64 + b"\0...")
+    assert not cpu.library_matches_sources(library)
+    library.write_bytes(b"\x7fELF\0... built before the digest")
+    assert not cpu.library_matches_sources(library)
+
+
+@needs_kernels
+def test_the_loaded_library_carries_the_digest_of_its_sources():
+    """Either build (setup.py's, or the JIT one) compiles the digest in, so the check above reads a real library."""
+    assert cpu.library_path().exists()
+    assert cpu.library_matches_sources(cpu.library_path())
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patch_gives_large_linears_the_decode_kernel(dtype, monkeypatch):

@@ -43,6 +43,14 @@ def poisoned():
     cpu.ops().set_poison(before)
 
 
+@pytest.fixture(params=["whole-experts", "k-blocks"])
+def decode_items(request):
+    """Each way the decode path splits its work (auto picks whole experts for small ones that share evenly)."""
+    before = cpu.set_decode_items(request.param)
+    yield request.param
+    cpu.set_decode_items(before)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     monkeypatch.setenv("MOEKERN_CPU_ISA", request.param)
@@ -110,7 +118,7 @@ CASES_4BIT = [
 
 @pytest.mark.parametrize("case", CASES_4BIT, ids=lambda c: f"T{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-g{c[5]}-{c[9]}")
 @pytest.mark.parametrize("isa,inner", VARIANTS)  # the bf16 inner product is AVX-512 BF16 only
-def test_4bit_moe_equals_reference(isa, inner, case, monkeypatch):
+def test_4bit_moe_equals_reference(isa, inner, case, decode_items, monkeypatch):
     monkeypatch.setenv("MOEKERN_CPU_ISA", isa)
     monkeypatch.setenv("MOEKERN_CPU_INNER", inner)
     tokens, experts, hidden, inter, k, group, skip, bias, scales, act_kind = case
@@ -192,8 +200,8 @@ def test_dense_gpt_oss_transposed_with_biases(isa):
 
 
 # Experts large enough that the decode path splits each one's k-blocks in several items, which the threads claim one
-# at a time, and sums the items' partials in pieces of columns (widths past a whole piece): the cases above are
-# small enough to run on the calling thread in one item an expert.
+# at a time, and sums the items' partials in pieces of columns (widths past a whole piece), or (whole experts) that
+# the threads take an expert each: the cases above are small enough to run on the calling thread.
 CASES_4BIT_SPLIT = [
     (2, 3, 1152, 1040, 2, 16, 0.0, True, False, "clamped_swiglu"),
     (3, 4, 1024, 1024, 2, 128, 0.3, True, True, "silu"),
@@ -202,8 +210,8 @@ CASES_4BIT_SPLIT = [
 
 @pytest.mark.parametrize("case", CASES_4BIT_SPLIT, ids=lambda c: f"T{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-g{c[5]}-{c[9]}")
 @pytest.mark.parametrize("isa,inner", VARIANTS)
-def test_4bit_moe_decode_items_split_among_threads(isa, inner, case, monkeypatch):
-    test_4bit_moe_equals_reference(isa, inner, case, monkeypatch)
+def test_4bit_moe_decode_items_split_among_threads(isa, inner, case, decode_items, monkeypatch):
+    test_4bit_moe_equals_reference(isa, inner, case, decode_items, monkeypatch)
 
 
 @pytest.mark.parametrize("inner", ["int8", "fp32"])

@@ -15,6 +15,16 @@
 
 #include "kernels.h"
 
+// The digest of the sources a library built ahead of time came from (setup.py defines it; a JIT build's cache
+// folder is keyed by its sources instead). moekern/ops/cpu.py reads it from the file before loading the library, so
+// that one older than csrc/cpu/ gives way to a build of the sources there.
+#define MK_STRING_(x) #x
+#define MK_STRING(x) MK_STRING_(x)
+#ifdef MOEKERN_SOURCES_SHA256  // a bare hex token on the command line (no quotes to survive the shell)
+extern "C" __attribute__((used, visibility("default"))) const char moekern_sources_sha256[] =
+    "moekern-sources-sha256:" MK_STRING(MOEKERN_SOURCES_SHA256);
+#endif
+
 namespace moekern_cpu {
 namespace {
 
@@ -267,10 +277,8 @@ struct PreparedBuffers {
   Prepared p;
 };
 
-PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, const int64_t* src_row, int64_t rows,
-                        int64_t group, const at::Tensor& in_scale, const int64_t* in_scale_row) {
+PreparedBuffers prepared_buffers(int inner, int64_t K, int64_t rows, int64_t group) {
   PreparedBuffers b;
-  const int64_t K = src.size(1);
   b.p.k = K;
   b.p.inner = inner;
   b.p.block = inner == INNER_INT8 ? int8_block(group) : group;
@@ -282,6 +290,13 @@ PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, c
   b.p.xa = b.xa.data_ptr();
   b.p.xs = b.xs.data_ptr<float>();
   b.p.xi = inner == INNER_INT8 ? b.xi.data_ptr<int32_t>() : nullptr;
+  return b;
+}
+
+PreparedBuffers prepare(const Kernels* kern, int inner, const at::Tensor& src, const int64_t* src_row, int64_t rows,
+                        int64_t group, const at::Tensor& in_scale, const int64_t* in_scale_row) {
+  const int64_t K = src.size(1);
+  PreparedBuffers b = prepared_buffers(inner, K, rows, group);
   const float* sc = in_scale.defined() ? in_scale.data_ptr<float>() : nullptr;
   const int64_t sc_stride = in_scale.defined() ? in_scale.size(1) : 0;
   const void* sp = src.data_ptr();
@@ -381,6 +396,19 @@ at::Tensor q4_decode_sums(const Kernels* kern, const Q4Weight& w, const Prepared
   return sums;
 }
 
+// hidden[c0, c1) of one row = act(gate + bias, up + bias): gate and up at g[j], u[j] for column c0 + j (gate rows
+// then up rows), or the pairs g[2j], g[2j + 1] (interleaved, u null); bias [2I] in the weight's row order, or null.
+void gate_piece(const Kernels* kern, const float* g, const float* u, const float* bias, int64_t I, int64_t c0,
+                int64_t c1, int64_t act, float alpha, float limit, float* hidden) {
+  float gb[kReduceCols], ub[kReduceCols];
+  for (int64_t j = 0; j < c1 - c0; ++j) {
+    const int64_t c = c0 + j;
+    gb[j] = (u ? g[j] : g[2 * j]) + (bias ? bias[u ? c : 2 * c] : 0.0f);
+    ub[j] = (u ? u[j] : g[2 * j + 1]) + (bias ? bias[u ? I + c : 2 * c + 1] : 0.0f);
+  }
+  kern->gate_columns(gb, ub, hidden + c0, c1 - c0, (int)act, alpha, limit);
+}
+
 // The decode path's epilogue of gate_up, with the sum of the items' partials: hidden [rows, I] = act(gate + bias,
 // up + bias) of each row's sums [2I] (gate rows then up rows, or interleaved).
 void gate_epilogue(const Kernels* kern, const DecodeSums& d, const float* bias, const int64_t* expert_of,
@@ -388,26 +416,18 @@ void gate_epilogue(const Kernels* kern, const DecodeSums& d, const float* bias, 
                    float limit, float* hidden) {
   const int64_t pieces = ceil_div(I, kReduceCols);
   parallel(rows * pieces, d.bytes(), [&](int64_t p0, int64_t p1) {
-    float sums[2 * kReduceCols], g[kReduceCols], u[kReduceCols];
+    float g[2 * kReduceCols], u[kReduceCols];
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r = p / pieces, c0 = (p % pieces) * kReduceCols, c1 = std::min(I, c0 + kReduceCols);
-      const int64_t e = expert_of[r], m = r - row_begin[e], nc = c1 - c0;
-      const float* b = bias ? bias + e * 2 * I : nullptr;
+      const int64_t e = expert_of[r], m = r - row_begin[e];
       if (interleaved) {
-        d.row_sums(e, m, 2 * c0, 2 * c1, sums);
-        for (int64_t j = 0; j < nc; ++j) {
-          g[j] = sums[2 * j] + (b ? b[2 * (c0 + j)] : 0.0f);
-          u[j] = sums[2 * j + 1] + (b ? b[2 * (c0 + j) + 1] : 0.0f);
-        }
+        d.row_sums(e, m, 2 * c0, 2 * c1, g);
       } else {
         d.row_sums(e, m, c0, c1, g);
         d.row_sums(e, m, I + c0, I + c1, u);
-        for (int64_t j = 0; b && j < nc; ++j) {
-          g[j] += b[c0 + j];
-          u[j] += b[I + c0 + j];
-        }
       }
-      kern->gate_columns(g, u, hidden + r * I + c0, nc, (int)act, alpha, limit);
+      gate_piece(kern, g, interleaved ? nullptr : u, bias ? bias + e * 2 * I : nullptr, I, c0, c1, act, alpha, limit,
+                 hidden + r * I);
     }
   });
 }
@@ -446,6 +466,71 @@ void bias_epilogue(at::Tensor& sums, const float* bias, int64_t rows, int64_t N)
   float* S = sums.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t n = 0; n < N; ++n) S[r * N + n] += bias[n];
+}
+
+// The decode path with whole experts as its work items, where the routed experts are small and enough of them to
+// share evenly among the threads: a thread takes an expert and runs its gate_up, the gated activation, down's
+// activation rows and its down one after the other, so that no thread waits for the others between the two GEMMs
+// and the epilogue runs on every thread, not on the calling one between two parallel regions. Down's partial sums,
+// one item an expert, then go through down_epilogue as the k-split path's do.
+constexpr int64_t kWholeExpertBytes = 8 << 20;  // 4-bit codes of an expert's three matrices, at most
+
+enum DecodeItems : int64_t { ITEMS_AUTO = 0, ITEMS_K_BLOCKS = 1, ITEMS_WHOLE_EXPERTS = 2 };
+std::atomic<int64_t> g_decode_items{ITEMS_AUTO};  // set_decode_items: the tests and benchmarks take each way
+
+bool whole_experts(const Q4Weight& wgu, const Q4Weight& wd, const int64_t* row_begin, int64_t E) {
+  if (g_decode_items != ITEMS_AUTO) return g_decode_items == ITEMS_WHOLE_EXPERTS;
+  const int64_t threads = at::get_num_threads();
+  int64_t active = 0;
+  for (int64_t e = 0; e < E; ++e) active += row_begin[e + 1] > row_begin[e];
+  const bool even = active >= threads && (active % threads == 0 || active >= 4 * threads);
+  return even && (wgu.n * wgu.k + wd.n * wd.k) / 2 <= kWholeExpertBytes;
+}
+
+DecodeSums q4_decode_whole_experts(const Kernels* kern, const Q4Weight& wgu, const Q4Weight& wd, const Prepared& x,
+                                   const int64_t* act_row, const Routing& r, const float* bias_gu,
+                                   const at::Tensor& in_scale_down, bool interleaved, int64_t act, float alpha,
+                                   float limit, float* hidden, const Prepared& hx, int64_t E) {
+  const int64_t I = wd.k, H = wd.n;
+  DecodeSums d;
+  d.n = H;
+  d.first.assign(E + 1, 0);
+  std::vector<int32_t> item_expert;
+  for (int64_t e = 0; e < E; ++e) {
+    d.first[e] = (int64_t)item_expert.size();
+    if (r.row_begin[e + 1] > r.row_begin[e]) {
+      d.acc_at.push_back(r.row_begin[e] * H);  // an expert's rows are consecutive: its partials are rows r of [rows, H]
+      item_expert.push_back((int32_t)e);
+    }
+  }
+  const int64_t items = (int64_t)item_expert.size();
+  d.first[E] = items;
+  d.partial = alloc({r.rows, H}, at::kFloat);
+  const float* sd = in_scale_down.defined() ? in_scale_down.data_ptr<float>() : nullptr;
+  std::vector<int64_t> rows_id(r.rows);
+  for (int64_t i = 0; i < r.rows; ++i) rows_id[i] = i;
+  const int64_t zero = 0, blocks_gu = wgu.k / x.block, blocks_d = wd.k / hx.block;
+  claimed(items, items * (wgu.n * wgu.k + wd.n * wd.k) / 2, [&](int64_t i) {
+    const int32_t e = item_expert[i];
+    const int64_t r0 = r.row_begin[e], m = r.row_begin[e + 1] - r0;
+    std::vector<float> sums(m * wgu.n, 0.0f);  // gate_up's [m, 2I]
+    const StreamJob gate_up{&wgu, x, &e, &zero, &blocks_gu, &zero, r.row_begin.data(), act_row, sums.data()};
+    kern->q4_stream(gate_up, 0, 1);
+    for (int64_t row = 0; row < m; ++row) {
+      const float* s = sums.data() + row * wgu.n;
+      for (int64_t c0 = 0; c0 < I; c0 += kReduceCols) {
+        const int64_t c1 = std::min(I, c0 + kReduceCols);
+        gate_piece(kern, interleaved ? s + 2 * c0 : s + c0, interleaved ? nullptr : s + I + c0,
+                   bias_gu ? bias_gu + e * 2 * I : nullptr, I, c0, c1, act, alpha, limit, hidden + (r0 + row) * I);
+      }
+    }
+    kern->prepare_rows(hidden, DT_F32, I, nullptr, r.rows, sd, r.expert_of.data(), sd ? I : 0, hx, r0, r0 + m);
+    float* out = d.partial.data_ptr<float>() + r0 * H;
+    std::fill(out, out + m * H, 0.0f);
+    const StreamJob down{&wd, hx, &e, &zero, &blocks_d, &zero, r.row_begin.data(), rows_id.data(), out};
+    kern->q4_stream(down, 0, 1);
+  });
+  return d;
 }
 
 bool decode_path(const Kernels* kern, int inner, const Q4Weight& w, const int64_t* row_begin, int64_t E) {
@@ -513,6 +598,13 @@ at::Tensor moe_q4(const at::Tensor& x_in, const at::Tensor& ids, const at::Tenso
   auto hidden = alloc({r.rows, inter}, at::kFloat);
   const bool decode = decode_path(kern, inner, wgu, r.row_begin.data(), E) &&
                       decode_path(kern, inner, wd, r.row_begin.data(), E);
+  if (decode && whole_experts(wgu, wd, r.row_begin.data(), E)) {
+    PreparedBuffers ha = prepared_buffers(inner, inter, r.rows, wd.group);
+    DecodeSums part = q4_decode_whole_experts(kern, wgu, wd, xa.p, act_row.data(), r,
+                                              bgu.defined() ? bgu.data_ptr<float>() : nullptr, sd, interleaved, act,
+                                              (float)alpha, (float)limit, hidden.data_ptr<float>(), ha.p, E);
+    return down_epilogue(part, r, bd.defined() ? bd.data_ptr<float>() : nullptr, H, x.scalar_type());
+  }
   if (decode) {
     DecodeSums sums = q4_decode(kern, wgu, xa.p, r.row_begin.data(), act_row.data(), E);
     gate_epilogue(kern, sums, bgu.defined() ? bgu.data_ptr<float>() : nullptr, r.expert_of.data(), r.row_begin.data(),
@@ -969,6 +1061,11 @@ TORCH_LIBRARY(moekern_cpu, m) {
     const bool before = g_poison;
     g_poison = on;
     return before;
+  });
+  m.def("set_decode_items(int items) -> int", [](int64_t items) {
+    TORCH_CHECK(items >= ITEMS_AUTO && items <= ITEMS_WHOLE_EXPERTS, "moekern: decode items 0 (auto), 1 (k-blocks) or "
+                "2 (whole experts), not ", items);
+    return g_decode_items.exchange(items);
   });
   m.def("moe_q4(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_up, Tensor[] down, Tensor? b_gate_up, "
         "Tensor? b_down, Tensor? in_scale_gate_up, Tensor? in_scale_down, int act, float alpha, float limit, "

@@ -1,7 +1,8 @@
 """moekern's C++ CPU kernels (csrc/cpu/): the fused 4-bit and dense MoE experts, and a 4-bit Linear.
 
 Where they come from, in order: the library `pip install --no-build-isolation -e .` built next to this package
-(`moekern/_cpu*.so`), else a build on first use with torch's cpp_extension and ninja into a cache folder
+(`moekern/_cpu*.so`) while it matches the sources in csrc/cpu/ (each build carries their digest), else a build on
+first use with torch's cpp_extension and ninja into a cache folder
 (MOEKERN_CACHE, default ~/.cache/moekern; about a minute on 2 cores, once per torch version and source change).
 Where neither works (no C++ compiler, no ninja) `available()` is False, `unavailable_reason()` says why, and the
 PyTorch reference serves (moekern.ops.backend decides).
@@ -93,17 +94,51 @@ def _load():
     if mode == "off":
         raise _Unavailable("MOEKERN_CPU_KERNELS=off")
     prebuilt = _prebuilt() if mode == "auto" else None
+    if prebuilt is not None and not library_matches_sources(prebuilt):
+        _say(f"{prebuilt} was built from other sources than {SOURCE_DIR} holds now, so they are built from there "
+             f"instead (rebuild it with: pip install --no-build-isolation -e .)")
+        prebuilt = None
     if prebuilt is not None:
         torch.ops.load_library(str(prebuilt))
+        _state["path"] = prebuilt
         return torch.ops.moekern_cpu
     return _jit_build()
 
 
-def build_directory() -> Path:
-    """The JIT cache folder of this torch, Python and source version."""
+def sources_sha256() -> str:
+    """The digest of csrc/cpu/'s sources (setup.py computes the same)."""
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((SOURCE_DIR / name).read_bytes())
+    return digest.hexdigest()
+
+
+def sources_digest_flag() -> str:
+    """The define that builds the sources' digest into the library (ops.cpp: moekern_sources_sha256)."""
+    return f"-DMOEKERN_SOURCES_SHA256={sources_sha256()}"
+
+
+def library_path() -> Path | None:
+    """The file of the library this process loaded; None where the kernels are not available."""
+    ops()
+    return _state.get("path")
+
+
+def library_matches_sources(library: Path) -> bool:
+    """Whether a built library came from the sources csrc/cpu/ holds now: the digest that both builds compile into it
+    (SOURCES_DIGEST_FLAG), read from the file before loading it (a loaded library cannot give way). True where the
+    sources are not installed (nothing to compare)."""
+    if not all((SOURCE_DIR / name).exists() for name in (*SOURCES, *HEADERS)):
+        return True
+    marker = b"moekern-sources-sha256:"
+    data = library.read_bytes()
+    at = data.find(marker)
+    return at >= 0 and data[at + len(marker):at + len(marker) + 64] == sources_sha256().encode()
+
+
+def build_directory() -> Path:
+    """The JIT cache folder of this torch, Python and source version."""
+    digest = hashlib.sha256(sources_sha256().encode())
     digest.update(" ".join(CFLAGS + LDFLAGS).encode())
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest.hexdigest()[:12]}"
     root = Path(os.environ.get("MOEKERN_CACHE") or Path.home() / ".cache" / "moekern")
@@ -141,12 +176,13 @@ def _jit_build():
         _say(f"building the C++ CPU kernels once into {directory} (about a minute) ...")
     sources = _staged_sources(directory / "src")
     try:
-        cpp_extension.load(name="moekern_cpu", sources=[str(sources / s) for s in SOURCES], extra_cflags=CFLAGS,
-                           extra_ldflags=LDFLAGS, build_directory=str(directory), is_python_module=False,
-                           verbose=False)
+        cpp_extension.load(name="moekern_cpu", sources=[str(sources / s) for s in SOURCES],
+                           extra_cflags=[*CFLAGS, sources_digest_flag()], extra_ldflags=LDFLAGS,
+                           build_directory=str(directory), is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # a compiler error, a missing tool
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise _Unavailable(f"building them in {directory} failed: {last}") from exc
+    _state["path"] = directory / "moekern_cpu.so"
     return torch.ops.moekern_cpu
 
 
@@ -240,6 +276,17 @@ def route(logits, spec, alive=None, correction_bias=None, skip_beta=None, expert
                                      spec.n_group, spec.topk_group, spec.group_score == "top2_sum", alive,
                                      correction_bias, skip_beta or 0.0, expert_row)
     return (weights, ids) if expert_row is None else (weights, rows)
+
+
+DECODE_ITEMS = ("auto", "k-blocks", "whole-experts")
+
+
+def set_decode_items(items: str) -> str:
+    """How the 4-bit MoE's decode path (up to 16 rows an expert) splits its work among the threads: "k-blocks" (each
+    GEMM's experts cut along K, the threads meeting between gate_up and down), "whole-experts" (a thread runs one
+    expert's gate_up, activation and down), or "auto" (whole experts where they are small and share evenly). Returns
+    the previous choice; for the tests and benchmarks, which take each way."""
+    return DECODE_ITEMS[ops().set_decode_items(DECODE_ITEMS.index(items))]
 
 
 def parallel_threads() -> int:
