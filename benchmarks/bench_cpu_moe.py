@@ -19,7 +19,7 @@ Each timed call comes right after an untimed call of the same path on a tiny lay
 model's decode loop one layer's MoE follows another's, so its code, the allocator and the threads are warm while its
 weights are cold, and so they are here (the probe and the other paths read GBs between two calls of a path). A lone
 call after those reads (--no-prelude) also pays for instruction and data misses outside the weights and for waking
-the threads: about 0.1 ms a call on the 2-core machine of the README, a quarter of a small expert layer's time.
+the threads: 0.1-0.2 ms a call on the 2-core machine of the README, where a small expert layer takes 0.7-1 ms.
 
 Writes benchmarks/results/cpu/bench_cpu_moe-<models>.json (CPU model, flags, threads, versions, commit, command) after
 every model. Times on a shared machine are noisy: compare paths within one run (the ratios), not across runs.
