@@ -146,7 +146,7 @@ def layer_paths(x32, ids, weights, gate_up4, down4, dense: dict, inners, group, 
             gathered = tokens * top_k * per_expert
             if impl == "batched_mm" and gathered > max_gather_gb * 1e9:
                 say(f"  transformers batched_mm {dtype}: skipped, it would copy {gathered / 1e9:.1f} GB of "
-                      f"weights (one expert per token and slot; --max-gather-gb {max_gather_gb})")
+                    f"weights (one expert per token and slot; --max-gather-gb {max_gather_gb})")
                 continue
 
             def run_hf(x=x, m=module, impl=impl):
